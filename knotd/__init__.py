@@ -1,0 +1,3 @@
+"""knotd: the daemon that runs the Knotencheck voice agent."""
+
+__version__ = "0.1.0"

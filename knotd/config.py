@@ -1,0 +1,455 @@
+"""Turn the TOML config file plus the environment into frozen ``Settings``.
+
+No other module reads config files, ``os.environ`` for settings, or systemd credentials.
+Secrets never come from the TOML file unless ``[secrets] allow_in_file = true`` says the operator insists;
+they are wrapped in ``Secret`` so that a repr, a log line or a JSON dump never shows them.
+
+This module does not check that model files exist or that LiveKit is reachable: those are runtime checks
+with their own stages and errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from knotd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/knotd/knotd.toml")
+
+
+class Secret:
+    """A string that does not show itself in repr/str; call ``reveal()`` where the value is needed."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('**********')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class LiveKitSettings:
+    url: str = ""
+    agent_name: str = "knotencheck"
+    api_key: Secret = field(default_factory=lambda: Secret(""), metadata={"secret": True})
+    api_secret: Secret = field(default_factory=lambda: Secret(""), metadata={"secret": True})
+
+
+@dataclass(frozen=True)
+class StatusSettings:
+    listen: ListenAddress = field(default_factory=lambda: ListenAddress("127.0.0.1", 9464))
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    max_sessions: int = 4
+    drain_timeout_s: float = 600.0
+    # livekit's own health server cannot be switched off; keep it on loopback and off 8081.
+    health_listen: ListenAddress = field(default_factory=lambda: ListenAddress("127.0.0.1", 0))
+    max_retry: int = 16
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str = "auto"  # auto | json | console
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class SttSettings:
+    model: str = "/var/lib/knotd/models/whisper-base"
+    language: str = "de"
+    hotwords: str = "Knotencheck"
+    compute_type: str = "int8"
+    beam_size: int = 1
+    num_workers: int = 2
+    cpu_threads: int = 0
+    # Longest encoder window knotd feeds Whisper for one utterance; shorter utterances get a shorter bucket.
+    max_window_s: float = 30.0
+    self_test: bool = True
+
+
+@dataclass(frozen=True)
+class TurnSettings:
+    min_endpointing_delay_s: float = 0.5
+    max_endpointing_delay_s: float = 3.0
+
+
+@dataclass(frozen=True)
+class LlmSettings:
+    base_url: str = ""  # empty: the built-in scripted Knotencheck LLM
+    model: str = ""
+    api_key: Secret = field(default_factory=lambda: Secret(""), metadata={"secret": True})
+    max_tokens: int = 200
+    temperature: float = 0.2
+    timeout_s: float = 8.0
+    fallback_line: str = (
+        "Entschuldigung, ich habe gerade technische Probleme. Bitte versuchen Sie es gleich noch einmal."
+    )
+
+
+@dataclass(frozen=True)
+class TtsSettings:
+    engine: str = "espeak"  # espeak | piper | openai
+    voice: str = "de"
+    speed_wpm: int = 160
+    sample_rate: int = 24000
+    piper_model: str = ""
+    base_url: str = ""
+    model: str = ""
+    api_key: Secret = field(default_factory=lambda: Secret(""), metadata={"secret": True})
+
+
+@dataclass(frozen=True)
+class GuardrailSettings:
+    rules: str = ""  # path to a TOML rules file; empty: the shipped Knotencheck rules
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    state_dir: str = "/var/lib/knotd"
+    record_transcripts: bool = False
+    phases: str = ""  # path to a TOML phase script; empty: the shipped Knotencheck script
+
+
+@dataclass(frozen=True)
+class SecretsSettings:
+    allow_in_file: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    livekit: LiveKitSettings = field(default_factory=LiveKitSettings)
+    status: StatusSettings = field(default_factory=StatusSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    stt: SttSettings = field(default_factory=SttSettings)
+    turn: TurnSettings = field(default_factory=TurnSettings)
+    llm: LlmSettings = field(default_factory=LlmSettings)
+    tts: TtsSettings = field(default_factory=TtsSettings)
+    guardrails: GuardrailSettings = field(default_factory=GuardrailSettings)
+    session: SessionSettings = field(default_factory=SessionSettings)
+    secrets: SecretsSettings = field(default_factory=SecretsSettings)
+    source: str = "<defaults>"
+
+    def secret_values(self) -> list[str]:
+        """Every non-empty secret, for the log redactor."""
+        values = []
+        for section in dataclasses.fields(self):
+            obj = getattr(self, section.name)
+            if dataclasses.is_dataclass(obj):
+                for f in dataclasses.fields(obj):
+                    v = getattr(obj, f.name)
+                    if isinstance(v, Secret) and v:
+                        values.append(v.reveal())
+        return values
+
+
+# Where each secret may come from, besides the TOML file: (environment variable, credential file name).
+SECRET_SOURCES: dict[str, tuple[str, str]] = {
+    "livekit.api_key": ("LIVEKIT_API_KEY", "livekit-api-key"),
+    "livekit.api_secret": ("LIVEKIT_API_SECRET", "livekit-api-secret"),
+    "llm.api_key": ("KNOTD_LLM_API_KEY", "llm-api-key"),
+    "tts.api_key": ("KNOTD_TTS_API_KEY", "tts-api-key"),
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "log.format": ("auto", "json", "console"),
+    "log.level": ("debug", "info", "warning", "error"),
+    "tts.engine": ("espeak", "piper", "openai"),
+    "stt.compute_type": ("int8", "int8_float32", "float32", "int16"),
+}
+
+# (lowest, highest) allowed, inclusive.
+_RANGES: dict[str, tuple[float, float]] = {
+    "worker.max_sessions": (1, 64),
+    "worker.drain_timeout_s": (0, 86400),
+    "worker.max_retry": (0, 1000),
+    "stt.beam_size": (1, 10),
+    "stt.num_workers": (1, 16),
+    "stt.cpu_threads": (0, 64),
+    "stt.max_window_s": (5, 30),
+    "turn.min_endpointing_delay_s": (0, 10),
+    "turn.max_endpointing_delay_s": (0, 30),
+    "llm.max_tokens": (1, 8192),
+    "llm.temperature": (0, 2),
+    "llm.timeout_s": (0.1, 300),
+    "tts.speed_wpm": (80, 450),
+    "tts.sample_rate": (8000, 48000),
+}
+
+
+def load_settings(
+    path: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    require_livekit: bool = True,
+) -> Settings:
+    """Read ``path`` (TOML) and the environment into validated ``Settings``.
+
+    Args:
+        path: the config file; ``None`` means defaults only (used by ``knotd demo``).
+        env: the environment to read secrets from (defaults to ``os.environ``).
+        require_livekit: whether ``livekit.url`` and the API key/secret must be set (``knotd run``).
+
+    Raises:
+        ConfigError: for the first problem found, naming the key and, where known, file:line.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    text = ""
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError("", f"file not found: {path}") from None
+        except (PermissionError, IsADirectoryError, UnicodeDecodeError) as err:
+            raise ConfigError("", f"cannot read {path}: {type(err).__name__}") from None
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError("", f"invalid TOML: {err}", str(path)) from None
+
+    locate = _Locator(source, text)
+    sections: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        if f.name == "source":
+            continue
+        section_raw = raw.pop(f.name, {})
+        if not isinstance(section_raw, dict):
+            raise ConfigError(f.name, "must be a table ([%s])" % f.name, locate(f.name, None))
+        sections[f.name] = _build_section(f.name, f.default_factory, section_raw, locate)  # type: ignore[arg-type]
+    if raw:
+        name = sorted(raw)[0]
+        where = locate(name, None) if isinstance(raw[name], dict) else locate(None, name)
+        raise ConfigError(name, "unknown section or key", where)
+
+    settings = Settings(**sections, source=source)
+    settings = _apply_secrets(settings, env, locate)
+    _check_cross_field(settings, require_livekit, locate)
+    return settings
+
+
+class _Locator:
+    """Finds ``file:line`` of a key in the TOML text (tomllib keeps no positions)."""
+
+    def __init__(self, source: str, text: str) -> None:
+        self.source, self.lines = source, text.splitlines()
+
+    def __call__(self, section: str | None, key: str | None) -> str | None:
+        if not self.lines:
+            return None
+        current = None
+        for no, line in enumerate(self.lines, 1):
+            stripped = line.strip()
+            header = re.match(r"^\[\s*([A-Za-z0-9_.-]+)\s*\]", stripped)
+            if header:
+                current = header.group(1)
+                if key is None and current == section:
+                    return f"{self.source}:{no}"
+                continue
+            if key is not None and current == section and re.match(rf"^{re.escape(key)}\s*=", stripped):
+                return f"{self.source}:{no}"
+        return None
+
+
+def _build_section(name: str, factory: Any, values: dict[str, Any], locate: _Locator) -> Any:
+    defaults = factory()
+    kwargs: dict[str, Any] = {}
+    known = {f.name: f for f in dataclasses.fields(defaults)}
+    for key, value in values.items():
+        dotted = f"{name}.{key}"
+        where = locate(name, key)
+        f = known.get(key)
+        if f is None:
+            raise ConfigError(dotted, "unknown key", where)
+        kwargs[key] = _convert(dotted, getattr(defaults, key), value, where)
+    return dataclasses.replace(defaults, **kwargs)
+
+
+def _convert(dotted: str, default: Any, value: Any, where: str | None) -> Any:
+    def fail(reason: str) -> ConfigError:
+        return ConfigError(dotted, reason, where)
+
+    if isinstance(default, Secret):
+        if not isinstance(value, str):
+            raise fail(f"expected a string, got {_toml_type(value)}")
+        return Secret(value)
+    if isinstance(default, ListenAddress):
+        if not isinstance(value, str):
+            raise fail(f"expected a string like '127.0.0.1:9464', got {_toml_type(value)}")
+        return _parse_listen(value, fail)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise fail(f"expected true or false, got {_toml_type(value)}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"expected an integer, got {_toml_type(value)}")
+        _check_range(dotted, value, fail)
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"expected a number, got {_toml_type(value)}")
+        _check_range(dotted, value, fail)
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise fail(f"expected a string, got {_toml_type(value)}")
+        choices = _CHOICES.get(dotted)
+        if choices and value not in choices:
+            raise fail(f"must be one of {', '.join(choices)}; got {value!r}")
+        return value
+    raise fail("unsupported value")  # pragma: no cover - every field type is handled above
+
+
+def _check_range(dotted: str, value: float, fail: Any) -> None:
+    bounds = _RANGES.get(dotted)
+    if bounds and not bounds[0] <= value <= bounds[1]:
+        raise fail(f"must be between {bounds[0]:g} and {bounds[1]:g}; got {value:g}")
+
+
+def _parse_listen(value: str, fail: Any) -> ListenAddress:
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value.strip())
+    if not m:
+        raise fail(f"expected host:port (e.g. '127.0.0.1:9464' or '[::1]:9464'); got {value!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if port > 65535:
+        raise fail(f"port out of range: {port}")
+    return ListenAddress(host, port)
+
+
+def _toml_type(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+def _apply_secrets(settings: Settings, env: Mapping[str, str], locate: _Locator) -> Settings:
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    for dotted, (env_name, cred_name) in SECRET_SOURCES.items():
+        section_name, key = dotted.split(".")
+        section = getattr(settings, section_name)
+        from_file: Secret = getattr(section, key)
+        if from_file and not settings.secrets.allow_in_file:
+            raise ConfigError(
+                dotted,
+                f"secrets do not belong in the config file; set {env_name} in /etc/knotd/knotd.env or a "
+                f"systemd credential '{cred_name}' (or set secrets.allow_in_file = true)",
+                locate(section_name, key),
+            )
+        value = _read_credential(cred_dir, cred_name, dotted) if cred_dir else None
+        if value is None:
+            value = env.get(env_name)
+        if value:
+            section = dataclasses.replace(section, **{key: Secret(value.strip())})
+            settings = dataclasses.replace(settings, **{section_name: section})
+    return settings
+
+
+def _read_credential(cred_dir: str, name: str, dotted: str) -> str | None:
+    path = Path(cred_dir) / name
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise ConfigError(dotted, f"cannot read credential {path}: {type(err).__name__}") from None
+
+
+def _check_cross_field(settings: Settings, require_livekit: bool, locate: _Locator) -> None:
+    lk = settings.livekit
+    if require_livekit:
+        if not lk.url:
+            raise ConfigError("livekit.url", "missing required value (e.g. url = \"wss://livekit.example.com\")",
+                              locate("livekit", None))
+        if not lk.api_key or not lk.api_secret:
+            missing = "LIVEKIT_API_KEY" if not lk.api_key else "LIVEKIT_API_SECRET"
+            raise ConfigError(
+                "livekit.api_key" if not lk.api_key else "livekit.api_secret",
+                f"missing secret: set {missing} in the environment (/etc/knotd/knotd.env) or the systemd "
+                f"credential '{SECRET_SOURCES['livekit.api_key' if not lk.api_key else 'livekit.api_secret'][1]}'",
+            )
+    if lk.url:
+        parts = urlsplit(lk.url)
+        if parts.scheme not in ("ws", "wss", "http", "https") or not parts.hostname:
+            raise ConfigError("livekit.url", f"expected a ws://, wss://, http:// or https:// URL; got {lk.url!r}",
+                              locate("livekit", "url"))
+        if parts.username or parts.password:
+            raise ConfigError("livekit.url", "credentials in the URL are not allowed; use LIVEKIT_API_KEY/SECRET",
+                              locate("livekit", "url"))
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", lk.agent_name):
+        raise ConfigError("livekit.agent_name", "use 1-64 letters, digits, '.', '_' or '-'",
+                          locate("livekit", "agent_name"))
+    turn = settings.turn
+    if turn.min_endpointing_delay_s > turn.max_endpointing_delay_s:
+        raise ConfigError("turn.min_endpointing_delay_s", "must not be larger than turn.max_endpointing_delay_s",
+                          locate("turn", "min_endpointing_delay_s"))
+    if settings.llm.base_url:
+        parts = urlsplit(settings.llm.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError("llm.base_url", f"expected an http(s) URL; got {settings.llm.base_url!r}",
+                              locate("llm", "base_url"))
+        if not settings.llm.model:
+            raise ConfigError("llm.model", "required when llm.base_url is set", locate("llm", "base_url"))
+    if settings.tts.engine == "piper" and not settings.tts.piper_model:
+        raise ConfigError("tts.piper_model", "required when tts.engine = \"piper\"", locate("tts", "engine"))
+    if settings.tts.engine == "openai" and not (settings.tts.base_url and settings.tts.model):
+        raise ConfigError("tts.base_url", "tts.base_url and tts.model are required when tts.engine = \"openai\"",
+                          locate("tts", "engine"))
+
+
+def public_view(settings: Settings) -> dict[str, Any]:
+    """The settings as a JSON-able dict with secrets reduced to whether they are set."""
+
+    def convert(obj: Any) -> Any:
+        if isinstance(obj, Secret):
+            return "set" if obj else "unset"
+        if isinstance(obj, ListenAddress):
+            return str(obj)
+        if dataclasses.is_dataclass(obj):
+            return {f.name: convert(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return obj
+
+    return convert(settings)

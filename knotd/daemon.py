@@ -1,0 +1,224 @@
+"""The daemon's lifecycle, in order, and nothing else.
+
+config (done by the CLI) → model loading → status server listening → LiveKit worker started (THREAD
+executor, on this loop) → ``worker_registered`` → ``READY=1`` → wait for a stop signal → ``STOPPING=1`` →
+drain the worker (bounded) → close. Each step is a timed ``stage`` and a ``STATUS=`` line for systemd.
+
+Signals only set an event (the work they trigger runs on the loop, never inside the handler); a second
+SIGTERM/SIGINT exits at once with a non-zero code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Any, Protocol
+
+import structlog
+from aiohttp import web
+
+from knotd import metrics
+from knotd.config import Settings
+from knotd.errors import KnotdError, WorkerError
+from knotd.stages import stage
+from knotd.state import DaemonState, Lifecycle
+from knotd.status.app import LoopMonitor, create_app
+from knotd.systemd import Notifier
+from knotd.worker import ConnectionWatch, build_server
+
+log = structlog.get_logger(__name__)
+
+FORCED_EXIT_CODE = 130
+
+
+class AgentRuntime(Protocol):
+    """What the daemon needs from the agent: load models once, then a job entrypoint that uses them."""
+
+    def load_models(self, settings: Settings) -> Any: ...
+
+    def describe_models(self, models: Any) -> str: ...
+
+    def build_entrypoint(self, settings: Settings, models: Any, state: DaemonState) -> Any: ...
+
+
+class ListenError(KnotdError):
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address}: {reason}")
+
+
+class Daemon:
+    """Runs knotd until stopped. ``run()`` returns the process exit code."""
+
+    def __init__(self, settings: Settings, runtime: AgentRuntime, notifier: Notifier) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.notifier = notifier
+        self.state = DaemonState(
+            livekit_url=settings.livekit.url,
+            agent_name=settings.livekit.agent_name,
+            max_sessions=settings.worker.max_sessions,
+        )
+        self._stop = asyncio.Event()
+        self._signals = 0
+        self._registered = asyncio.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.state.bind_loop(loop)
+        metrics.initialise(self.settings.worker.max_sessions)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+        monitor = LoopMonitor(on_tick=self._watchdog_tick)
+        monitor.start()
+        runner: web.AppRunner | None = None
+        try:
+            self._set(Lifecycle.LOADING_MODELS, "loading models")
+            with stage("model_load"):
+                models = await self._until_stopped(asyncio.to_thread(self.runtime.load_models, self.settings))
+            if models is None:
+                return self._stopped_early()
+            self.state.model = self.runtime.describe_models(models)
+
+            with stage("status_listen"):
+                runner = await self._start_status_server(monitor)
+
+            entrypoint = self.runtime.build_entrypoint(self.settings, models, self.state)
+            return await self._serve_worker(entrypoint)
+        finally:
+            await monitor.stop()
+            if runner is not None:
+                await runner.cleanup()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def _serve_worker(self, entrypoint: Any) -> int:
+        url = self.settings.livekit.url
+        self._set(Lifecycle.CONNECTING, f"connecting to {url}")
+        with stage("worker_start"):
+            server = build_server(self.settings, entrypoint, lambda: len(self.state.sessions))
+            server.on("worker_registered", self._on_registered)
+            started = asyncio.Event()
+            server.on("worker_started", started.set)
+            run_task = asyncio.create_task(server.run(), name="knotd:worker")
+            await self._first_of(started.wait(), run_task)
+        with ConnectionWatch(self._on_connection_lost):
+            waiter = asyncio.create_task(self._stop.wait())
+            try:
+                await asyncio.wait({run_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if run_task.done():
+                return await self._worker_failed(server, run_task)
+            return await self._drain(server, run_task)
+
+    async def _drain(self, server: Any, run_task: asyncio.Task[None]) -> int:
+        timeout = self.settings.worker.drain_timeout_s
+        self.state.set_lifecycle(Lifecycle.DRAINING, "draining")
+        self.notifier.stopping(self.state.status_line())
+        log.info("draining", sessions=len(self.state.sessions), timeout_s=timeout)
+        try:
+            with stage("drain", sessions=len(self.state.sessions)):
+                await server.drain(timeout=int(timeout))
+        except asyncio.TimeoutError:
+            log.warning("drain_timed_out", timeout_s=timeout, sessions=len(self.state.sessions))
+        with stage("worker_close"):
+            await server.aclose()
+            await asyncio.gather(run_task, return_exceptions=True)
+        self.state.set_lifecycle(Lifecycle.STOPPED, "stopped")
+        self.notifier.status("stopped")
+        return 0
+
+    async def _worker_failed(self, server: Any, run_task: asyncio.Task[None]) -> int:
+        exc = run_task.exception()
+        reason = f"LiveKit worker stopped: {exc}" if exc else "LiveKit worker stopped unexpectedly"
+        self.state.set_lifecycle(Lifecycle.FAILED, reason)
+        self.notifier.status(reason)
+        log.error("worker_failed", reason=reason)
+        await server.aclose()
+        raise WorkerError(reason)
+
+    # -- events (all on the main loop) --------------------------------------------------------------
+    def _on_registered(self, worker_id: str, server_info: Any = None) -> None:
+        first = self.state.registrations == 0
+        self.state.worker_registered(worker_id)
+        if self._stop.is_set():
+            return
+        self._set(Lifecycle.READY, "ready")
+        log.info("worker_registered", worker_id=worker_id, first=first)
+        if first:
+            self.notifier.ready(self.state.status_line())
+            log.info("ready", worker_id=worker_id)
+
+    def _on_connection_lost(self) -> None:
+        # Called from livekit's logging call on the main loop thread.
+        if self._stop.is_set() or self.state.lifecycle is Lifecycle.DRAINING:
+            return
+        url = self.settings.livekit.url
+        was_registered = self.state.registered_since is not None
+        self.state.worker_lost()
+        if was_registered or self.state.lifecycle is Lifecycle.READY:
+            self._set(Lifecycle.RECONNECTING, f"reconnecting to {url}: connection lost")
+        else:
+            self._set(Lifecycle.CONNECTING, f"connecting to {url}: not reachable yet, retrying")
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("forced_exit", signal=sig.name)
+            logging.shutdown()
+            os._exit(FORCED_EXIT_CODE)
+        log.info("stop_requested", signal=sig.name)
+        self._stop.set()
+
+    def _watchdog_tick(self) -> None:
+        interval = self.notifier.watchdog_interval_s
+        if interval is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - getattr(self, "_last_watchdog", 0.0) >= interval:
+            self._last_watchdog = now
+            self.notifier.watchdog()
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _set(self, lifecycle: Lifecycle, reason: str) -> None:
+        self.state.set_lifecycle(lifecycle, reason)
+        self.notifier.status(self.state.status_line())
+
+    async def _until_stopped(self, awaitable: Any) -> Any:
+        """Await ``awaitable`` unless a stop signal comes first (then return None)."""
+        task = asyncio.ensure_future(awaitable)
+        waiter = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        return None
+
+    async def _first_of(self, awaitable: Any, run_task: asyncio.Task[None]) -> None:
+        waiter = asyncio.ensure_future(awaitable)
+        await asyncio.wait({waiter, run_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            waiter.cancel()
+
+    def _stopped_early(self) -> int:
+        self.state.set_lifecycle(Lifecycle.STOPPED, "stopped before ready")
+        self.notifier.stopping("stopped before ready")
+        return 0
+
+    async def _start_status_server(self, monitor: LoopMonitor) -> web.AppRunner:
+        listen = self.settings.status.listen
+        runner = web.AppRunner(create_app(self.state, monitor), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as err:
+            await runner.cleanup()
+            raise ListenError(str(listen), err.strerror or type(err).__name__) from None
+        log.info("status_server_listening", address=str(listen))
+        return runner

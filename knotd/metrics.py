@@ -1,0 +1,91 @@
+"""Every Prometheus metric knotd exports, declared once.
+
+They live in prometheus_client's default registry on purpose: livekit-agents registers its ``lk_agents_*``
+series there, and so do the process and platform collectors, so one registry gives the whole picture at
+``/metrics``. Label values are bounded enums only: never room names, identities or text.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from knotd import __version__
+
+# Boundaries at 0.5 s and 0.8 s (the voice-to-voice goal) so quantiles near the target are sharp.
+TURN_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0)
+STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+TURN_COMPONENTS = ("eou", "stt", "llm_ttft", "tts_ttfb", "e2e")
+GUARD_DIRECTIONS = ("input", "output")
+TASK_OUTCOMES = ("ok", "failed", "cancelled")
+
+STAGE_DURATION = Histogram(
+    "knotd_stage_duration_seconds",
+    "Duration of a named pipeline or lifecycle stage (config, model_load, stt_init, input_guard, ...).",
+    ["stage", "status"],
+    buckets=STAGE_BUCKETS,
+)
+TURN_LATENCY = Histogram(
+    "knotd_turn_latency_seconds",
+    "Per-turn latency by component; e2e is end of user speech to the first agent audio frame.",
+    ["component"],
+    buckets=TURN_BUCKETS,
+)
+GUARDRAIL_CHECKS = Counter(
+    "knotd_guardrail_checks_total",
+    "Guardrail rule evaluations, by direction (input: user transcript, output: LLM text) and rule.",
+    ["direction", "rule"],
+)
+GUARDRAIL_HITS = Counter(
+    "knotd_guardrail_hits_total",
+    "Guardrail rule hits: texts that were blocked or replaced, by direction and rule.",
+    ["direction", "rule"],
+)
+HANDLER_TASKS = Counter(
+    "knotd_handler_tasks_total",
+    "Async tasks spawned by sync event handlers through the bridge, by handler and outcome.",
+    ["handler", "outcome"],
+)
+HANDLER_TASKS_INFLIGHT = Gauge(
+    "knotd_handler_tasks_inflight",
+    "Bridged handler tasks currently running, by handler.",
+    ["handler"],
+)
+SESSIONS_ACTIVE = Gauge("knotd_sessions_active", "Knotencheck sessions running now.")
+SESSIONS = Counter(
+    "knotd_sessions_total",
+    "Finished Knotencheck sessions, by outcome (completed, disconnected, error, drained, interrupted).",
+    ["outcome"],
+)
+PHASE_TRANSITIONS = Counter(
+    "knotd_phase_transitions_total",
+    "Conversation phase transitions, by the phase entered.",
+    ["phase"],
+)
+LLM_FAILURES = Counter(
+    "knotd_llm_failures_total",
+    "LLM requests that failed and were answered with the fallback line, by reason.",
+    ["reason"],
+)
+READY = Gauge("knotd_ready", "1 when knotd is ready to take sessions (the same as /readyz answering 200).")
+WORKER_REGISTERED = Gauge("knotd_worker_registered", "1 while the LiveKit worker is registered with the server.")
+WORKER_REGISTRATIONS = Counter(
+    "knotd_worker_registrations_total",
+    "Successful worker registrations with LiveKit; more than one means the connection was re-established.",
+)
+MAX_SESSIONS = Gauge("knotd_sessions_max", "Configured session capacity of this worker (worker.max_sessions).")
+BUILD_INFO = Gauge("knotd_build_info", "Always 1; the label carries the knotd version.", ["version"])
+
+
+def initialise(max_sessions: int) -> None:
+    """Set the constant series and create every known label combination, so dashboards see zeros, not gaps."""
+    BUILD_INFO.labels(version=__version__).set(1)
+    MAX_SESSIONS.set(max_sessions)
+    for component in TURN_COMPONENTS:
+        TURN_LATENCY.labels(component=component)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text of the whole registry and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

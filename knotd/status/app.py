@@ -1,0 +1,135 @@
+"""The status server: the one HTTP face of knotd (default 127.0.0.1:9464).
+
+Routes: ``/`` (page), ``/api/status`` (JSON), ``/metrics`` (Prometheus), ``/healthz`` (event loop
+responsive), ``/readyz`` (ready for sessions, with a JSON reason when not). Handlers only read the
+``DaemonState``; nothing here changes the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from aiohttp import web
+
+from knotd import metrics
+from knotd.state import DaemonState
+
+STATE_KEY = web.AppKey("knotd.state", DaemonState)
+LOOP_MONITOR_KEY = web.AppKey("knotd.loop_monitor", "LoopMonitor")
+TEMPLATES_KEY = web.AppKey("knotd.templates", jinja2.Environment)
+
+TEMPLATE_DIRS = (
+    Path(__file__).resolve().parent.parent / "templates",  # installed: knotd/templates
+    Path(__file__).resolve().parents[2] / "templates",  # source tree: templates/
+)
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+class LoopMonitor:
+    """Measures event-loop lag with a ticker; ``/healthz`` fails when the loop was recently stuck.
+
+    The same ticker feeds systemd's watchdog (``on_tick``), so a wedged loop stops the pings and systemd
+    restarts the daemon.
+    """
+
+    def __init__(self, interval_s: float = 0.5, unhealthy_lag_s: float = 5.0, on_tick: Any = None) -> None:
+        self.interval_s, self.unhealthy_lag_s = interval_s, unhealthy_lag_s
+        self.last_tick = time.monotonic()
+        self.max_recent_lag_s = 0.0
+        self._on_tick = on_tick
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="knotd:loop_monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(self.interval_s)
+            now = time.monotonic()
+            lag = max(0.0, now - before - self.interval_s)
+            # decay, so one stall shows for a while but not forever
+            self.max_recent_lag_s = max(lag, self.max_recent_lag_s * 0.9)
+            self.last_tick = now
+            if self._on_tick is not None:
+                self._on_tick()
+
+    @property
+    def healthy(self) -> bool:
+        stale = time.monotonic() - self.last_tick
+        return stale < self.unhealthy_lag_s and self.max_recent_lag_s < self.unhealthy_lag_s
+
+
+def create_app(state: DaemonState, loop_monitor: LoopMonitor | None = None) -> web.Application:
+    """The aiohttp application serving the status routes for ``state``."""
+    app = web.Application(middlewares=[_security_headers])
+    app[STATE_KEY] = state
+    app[LOOP_MONITOR_KEY] = loop_monitor or LoopMonitor()
+    app[TEMPLATES_KEY] = jinja2.Environment(
+        loader=jinja2.FileSystemLoader([str(d) for d in TEMPLATE_DIRS]),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    app.router.add_get("/", index)
+    app.router.add_get("/api/status", api_status)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+@web.middleware
+async def _security_headers(request: web.Request, handler: Any) -> web.StreamResponse:
+    response = await handler(request)
+    for key, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(key, value)
+    return response
+
+
+async def index(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    template = request.app[TEMPLATES_KEY].get_template("index.html")
+    html = template.render(s=state.snapshot())
+    return web.Response(text=html, content_type="text/html")
+
+
+async def api_status(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE_KEY].snapshot())
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body, content_type = metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    monitor = request.app[LOOP_MONITOR_KEY]
+    body = {"healthy": monitor.healthy, "loop_lag_s": round(monitor.max_recent_lag_s, 3)}
+    return web.json_response(body, status=200 if monitor.healthy else 503)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    snap = {"ready": state.is_ready, "state": state.lifecycle.value, "reason": state.reason}
+    return web.json_response(snap, status=200 if state.is_ready else 503)

@@ -1,0 +1,102 @@
+"""The systemd notification protocol (sd_notify), without a dependency.
+
+Why not the ``sdnotify`` package: version 0.3.2 encodes messages as Latin-1 and silently drops any
+``STATUS=`` text that is not (an LWN-style "draining: 1 Sitzung …" would vanish), swallows every exception
+with a bare ``except:`` and ships only an sdist. libsystemd's own approach is small enough to copy: a fresh
+``AF_UNIX``/``SOCK_DGRAM`` socket per message, a leading ``@`` meaning the abstract namespace.
+
+The notifier never raises to its caller: systemd being gone must not take the daemon down. A failed send
+is logged once per kind of error.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import MutableMapping
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class Notifier:
+    """Sends sd_notify messages to ``NOTIFY_SOCKET``; a no-op when the daemon is not run by systemd.
+
+    Args:
+        address: the value of ``NOTIFY_SOCKET`` (a path, or ``@name`` for an abstract socket), or None.
+        watchdog_usec: the value of ``WATCHDOG_USEC`` when it applies to this process, else None.
+    """
+
+    def __init__(self, address: str | None, watchdog_usec: int | None = None) -> None:
+        self._address = _socket_address(address) if address else None
+        self.watchdog_usec = watchdog_usec
+        self._warned: set[str] = set()
+
+    @classmethod
+    def from_environ(cls, environ: MutableMapping[str, str] | None = None) -> "Notifier":
+        """Read NOTIFY_SOCKET and the watchdog settings once, and remove them from the environment.
+
+        livekit job threads and any subprocess must never notify on the daemon's behalf (the unit has
+        ``NotifyAccess=main``; with ``all`` a child's WATCHDOG=1 could hide a wedged main loop).
+        """
+        env = os.environ if environ is None else environ
+        address = env.pop("NOTIFY_SOCKET", None)
+        usec = env.pop("WATCHDOG_USEC", None)
+        pid = env.pop("WATCHDOG_PID", None)
+        watchdog = None
+        if usec and usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            watchdog = int(usec)
+        return cls(address, watchdog)
+
+    @property
+    def enabled(self) -> bool:
+        return self._address is not None
+
+    @property
+    def watchdog_interval_s(self) -> float | None:
+        """How often to send WATCHDOG=1: half the timeout systemd enforces, as sd_watchdog_enabled(3) advises."""
+        return self.watchdog_usec / 2_000_000 if self.watchdog_usec else None
+
+    def notify(self, *lines: str) -> bool:
+        """Send one datagram of ``KEY=value`` lines. Returns whether it was sent."""
+        if self._address is None:
+            return False
+        payload = "\n".join(lines).encode("utf-8")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                sock.connect(self._address)
+                sock.sendall(payload)
+            return True
+        except OSError as err:
+            kind = type(err).__name__
+            if kind not in self._warned:
+                self._warned.add(kind)
+                log.warning("sd_notify_failed", error=kind, errno=err.errno)
+            return False
+
+    def status(self, text: str) -> bool:
+        return self.notify(f"STATUS={_one_line(text)}")
+
+    def ready(self, status: str) -> bool:
+        return self.notify("READY=1", f"STATUS={_one_line(status)}")
+
+    def stopping(self, status: str) -> bool:
+        return self.notify("STOPPING=1", f"STATUS={_one_line(status)}")
+
+    def watchdog(self) -> bool:
+        return self.notify("WATCHDOG=1")
+
+    def extend_timeout(self, seconds: float) -> bool:
+        """Ask systemd for more time for the current start or stop job (EXTEND_TIMEOUT_USEC)."""
+        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
+
+def _socket_address(address: str) -> str:
+    if address.startswith("@"):
+        return "\0" + address[1:]
+    return address
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

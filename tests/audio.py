@@ -1,0 +1,130 @@
+"""German test speech made with espeak-ng + sox, for tests and benchmarks.
+
+`make_clip()` renders one text to a mono s16 WAV at any sample rate; `cached_clip()` does the same under a
+cache directory so repeated test runs reuse the files. `CLIPS` is the Knotencheck-domain set (≈1–10 s of
+speech each) that the STT tests and `benchmarks/stt_window.py` transcribe.
+
+This module does not check what Whisper makes of the clips; the tests do that.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import shutil
+import subprocess
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_RATE_WPM = 150
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One German utterance: a short name, the text espeak-ng speaks, and words a transcript must contain."""
+
+    name: str
+    text: str
+    key_words: tuple[str, ...]
+
+
+# Ordered roughly by length; at 150 wpm espeak-ng needs about 1 s (first) to 9-10 s (last).
+CLIPS: tuple[Clip, ...] = (
+    Clip("ja", "Ja, gerne.", ("ja",)),
+    Clip("weiter", "Bitte weiter zum nächsten Schritt.", ("weiter", "schritt")),
+    Clip("start", "Hallo, ich möchte den Knotencheck starten.", ("hallo", "knotencheck", "starten")),
+    Clip("consent", "Ja, ich bin einverstanden und möchte anfangen.", ("einverstanden", "anfangen")),
+    Clip("repeat", "Können Sie die letzte Frage bitte noch einmal wiederholen?", ("frage", "wiederholen")),
+    Clip("finding", "Ich habe an der linken Seite einen kleinen Knoten ertastet.", ("linken", "knoten")),
+    Clip("size", "Der Knoten ist ungefähr so groß wie eine Erbse und tut nicht weh.", ("knoten", "erbse")),
+    Clip("duration", "Ich habe ihn vor zwei Wochen zum ersten Mal bemerkt, seitdem ist er gleich geblieben.",
+         ("wochen", "bemerkt")),
+    Clip("next", "Was soll ich als Nächstes tun, und wann sollte ich damit zu meiner Ärztin gehen?",
+         ("nächstes", "ärztin")),
+    Clip("summary", "Guten Tag, ich möchte den Knotencheck starten. Bitte erklären Sie mir Schritt für Schritt, "
+         "wie ich die Untersuchung richtig mache.", ("knotencheck", "starten", "schritt", "untersuchung")),
+    Clip("end", "Vielen Dank für die Hilfe. Ich habe alle Fragen beantwortet und möchte den Check jetzt beenden. "
+         "Auf Wiedersehen.", ("dank", "fragen", "beenden")),
+    Clip("history", "In meiner Familie hatte meine Mutter einen Knoten in der Brust. Deshalb möchte ich den "
+         "Knotencheck heute sorgfältig machen und jeden Schritt genau verstehen.", ("knoten", "familie")),
+)
+
+# Longer than the 10 s window: exercises the larger buckets (benchmarks only).
+LONG_CLIPS: tuple[Clip, ...] = (
+    Clip("long12", "Guten Tag. Ich habe gestern beim Abtasten einen kleinen Knoten bemerkt. Er ist weich, lässt "
+         "sich leicht verschieben und tut nicht weh. Können Sie mir erklären, worauf ich jetzt achten soll?",
+         ("knoten", "bemerkt")),
+)
+
+
+def make_clip(text: str, path: Path, voice: str = "de", rate: int = DEFAULT_RATE_WPM,
+              sample_rate: int = 16000) -> Path:
+    """Speak `text` with espeak-ng into `path` as a mono s16 WAV at `sample_rate`; returns `path`.
+
+    The text goes in on stdin, so a leading '-' is never read as an option.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = path.with_suffix(".espeak.wav")
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-b", "1", "--stdin", "-w", str(raw)],
+                   input=text.encode("utf-8"), check=True, capture_output=True)
+    subprocess.run(["sox", str(raw), "-r", str(sample_rate), "-c", "1", "-b", "16", "-e", "signed-integer",
+                    str(path)], check=True, capture_output=True)
+    raw.unlink()
+    return path
+
+
+def cached_clip(cache_dir: Path, text: str, *, voice: str = "de", rate: int = DEFAULT_RATE_WPM,
+                sample_rate: int = 16000) -> Path:
+    """Like `make_clip`, but reuse the file from an earlier run when the inputs are the same."""
+    key = hashlib.sha256(f"{voice}|{rate}|{sample_rate}|{text}".encode()).hexdigest()[:16]
+    path = cache_dir / f"{key}-{sample_rate}.wav"
+    if not path.exists():
+        tmp = cache_dir / f".{key}-{sample_rate}.{os.getpid()}.wav"
+        make_clip(text, tmp, voice=voice, rate=rate, sample_rate=sample_rate)
+        tmp.replace(path)
+    return path
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """The samples of a mono s16 WAV as int16, and its sample rate."""
+    with wave.open(str(path), "rb") as w:
+        if w.getnchannels() != 1 or w.getsampwidth() != 2:
+            raise ValueError(f"{path}: expected mono s16")
+        return np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16), w.getframerate()
+
+
+def have_speech_tools() -> bool:
+    """Whether espeak-ng and sox are on PATH."""
+    return shutil.which("espeak-ng") is not None and shutil.which("sox") is not None
+
+
+def normalize_words(text: str) -> list[str]:
+    """Lowercase words without punctuation, for fuzzy matching and WER."""
+    cleaned = "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in text.lower())
+    return cleaned.split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level Levenshtein distance divided by the reference length."""
+    ref, hyp = normalize_words(reference), normalize_words(hypothesis)
+    if not ref:
+        return float(bool(hyp))
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1] / len(ref)
+
+
+def contains_words(text: str, words: tuple[str, ...] | list[str], *, min_ratio: float = 0.8) -> bool:
+    """Whether every word in `words` appears in `text`, allowing small spelling differences."""
+    have = normalize_words(text)
+    return all(
+        any(difflib.SequenceMatcher(None, w, h).ratio() >= min_ratio for h in have) for w in words
+    )

@@ -1,0 +1,148 @@
+"""The sync→async bridge: failures counted and logged, no lost tasks, bounded drain, any thread."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+
+import pytest
+from livekit import rtc
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
+
+from knotd.bridge import TaskBridge
+
+
+def count(handler: str, outcome: str) -> float:
+    value = REGISTRY.get_sample_value("knotd_handler_tasks_total", {"handler": handler, "outcome": outcome})
+    return value or 0.0
+
+
+def inflight(handler: str) -> float:
+    return REGISTRY.get_sample_value("knotd_handler_tasks_inflight", {"handler": handler}) or 0.0
+
+
+async def test_livekit_emitter_accepts_bridged_async_handler_and_runs_it():
+    emitter = rtc.EventEmitter()
+    bridge = TaskBridge("s1")
+    seen = asyncio.Event()
+
+    async def on_thing(value):
+        await asyncio.sleep(0)
+        seen.set()
+
+    with pytest.raises(ValueError):
+        emitter.on("thing", on_thing)  # what livekit does with a bare async callback
+    before = count("thing_ok", "ok")
+    bridge.on(emitter, "thing", on_thing, name="thing_ok")
+    emitter.emit("thing", 1)
+    await asyncio.wait_for(seen.wait(), 2)
+    await bridge.drain(1)
+    assert count("thing_ok", "ok") == before + 1
+
+
+async def test_failure_is_counted_and_logged_with_type_only():
+    failures = []
+    bridge = TaskBridge("s2", on_failure=failures.append)
+    before = count("boom", "failed")
+
+    async def boom():
+        raise RuntimeError("token=super-secret-value")
+
+    with capture_logs() as logs:
+        bridge.spawn("boom", boom())
+        await bridge.drain(1)
+    assert count("boom", "failed") == before + 1
+    assert bridge.failures == 1
+    assert failures[0].handler == "boom" and failures[0].exception == "RuntimeError"
+    event = next(e for e in logs if e["event"] == "bridge_task_failed")
+    assert event["handler"] == "boom" and event["exception"] == "RuntimeError"
+    assert "super-secret-value" not in repr(logs)
+
+
+async def test_tasks_survive_garbage_collection_mid_flight():
+    bridge = TaskBridge("s3")
+    release = asyncio.Event()
+    finished = []
+
+    async def slow(i):
+        await release.wait()
+        finished.append(i)
+
+    for i in range(20):
+        bridge.spawn("slow", slow(i))
+    await asyncio.sleep(0)
+    gc.collect()
+    assert bridge.inflight == 20
+    assert inflight("slow") == 20
+    release.set()
+    result = await bridge.drain(2)
+    assert sorted(finished) == list(range(20))
+    assert result.completed == 20 and result.cancelled == 0
+    assert inflight("slow") == 0
+
+
+async def test_drain_cancels_stragglers_and_counts_them():
+    bridge = TaskBridge("s4")
+    before = count("straggler", "cancelled")
+
+    async def forever():
+        await asyncio.sleep(3600)
+
+    bridge.spawn("straggler", forever())
+    bridge.spawn("straggler", forever())
+    await asyncio.sleep(0)
+    result = await bridge.drain(0.05)
+    assert result.cancelled == 2
+    assert count("straggler", "cancelled") == before + 2
+    # after drain, new work is refused and counted, not silently dropped
+    bridge.spawn("straggler", forever())
+    await asyncio.sleep(0.01)
+    assert count("straggler", "cancelled") == before + 3
+    assert bridge.inflight == 0
+
+
+async def test_spawn_from_another_thread_runs_on_the_bridge_loop():
+    bridge = TaskBridge("s5")
+    loop = asyncio.get_running_loop()
+    ran_on = []
+    done = asyncio.Event()
+
+    async def record():
+        ran_on.append(asyncio.get_running_loop())
+        done.set()
+
+    thread = threading.Thread(target=lambda: bridge.spawn("cross", record()))
+    thread.start()
+    thread.join()
+    await asyncio.wait_for(done.wait(), 2)
+    assert ran_on == [loop]
+    await bridge.drain(1)
+
+
+def test_bridge_in_a_job_thread_loop_while_main_thread_reads_metrics():
+    """A job thread with its own loop uses its bridge; the main thread reads the counters meanwhile."""
+    before = count("job_thread", "ok")
+    results = {}
+
+    def job_thread():
+        async def main():
+            bridge = TaskBridge("job")
+
+            async def work():
+                await asyncio.sleep(0.01)
+
+            for _ in range(50):
+                bridge.spawn("job_thread", work())
+            results["drain"] = await bridge.drain(5)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=job_thread)
+    thread.start()
+    while thread.is_alive():
+        count("job_thread", "ok")  # concurrent reads must not break anything
+        thread.join(0.001)
+    assert results["drain"].completed == 50
+    assert count("job_thread", "ok") == before + 50
