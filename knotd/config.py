@@ -259,6 +259,8 @@ def load_settings(
         where = locate(name, None) if isinstance(raw[name], dict) else locate(None, name)
         raise ConfigError(name, "unknown section or key", where)
 
+    if isinstance(path, Path):
+        sections = _resolve_relative_paths(sections, path.parent)
     settings = Settings(**sections, source=source)
     settings = _apply_secrets(settings, env, locate)
     _check_cross_field(settings, require_livekit, locate)
@@ -286,6 +288,21 @@ class _Locator:
             if key is not None and current == section and re.match(rf"^{re.escape(key)}\s*=", stripped):
                 return f"{self.source}:{no}"
         return None
+
+
+# Keys holding file system paths; relative values are taken relative to the config file's directory.
+_PATH_KEYS = ("stt.model", "tts.piper_model", "guardrails.rules", "session.phases", "session.state_dir")
+
+
+def _resolve_relative_paths(sections: dict[str, Any], base: Path) -> dict[str, Any]:
+    for dotted in _PATH_KEYS:
+        section_name, key = dotted.split(".")
+        section = sections[section_name]
+        value = getattr(section, key)
+        if value and not Path(value).is_absolute():
+            resolved = str((base / value).resolve())
+            sections[section_name] = dataclasses.replace(section, **{key: resolved})
+    return sections
 
 
 def _build_section(name: str, factory: Any, values: dict[str, Any], locate: _Locator) -> Any:

