@@ -89,7 +89,7 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class SttSettings:
-    model: str = "/var/lib/knotd/models/whisper-base"
+    model: str = "/usr/share/knotd/models/whisper-base"
     language: str = "de"
     hotwords: str = "Knotencheck"
     compute_type: str = "int8"

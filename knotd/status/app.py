@@ -22,10 +22,9 @@ STATE_KEY = web.AppKey("knotd.state", DaemonState)
 LOOP_MONITOR_KEY = web.AppKey("knotd.loop_monitor", "LoopMonitor")
 TEMPLATES_KEY = web.AppKey("knotd.templates", jinja2.Environment)
 
-TEMPLATE_DIRS = (
-    Path(__file__).resolve().parent.parent / "templates",  # installed: knotd/templates
-    Path(__file__).resolve().parents[2] / "templates",  # source tree: templates/
-)
+# knotd/templates is a symlink to the top-level templates/ directory, so the wheel (and the .deb's venv)
+# carries the same files the source tree has.
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -85,7 +84,7 @@ def create_app(state: DaemonState, loop_monitor: LoopMonitor | None = None) -> w
     app[STATE_KEY] = state
     app[LOOP_MONITOR_KEY] = loop_monitor or LoopMonitor()
     app[TEMPLATES_KEY] = jinja2.Environment(
-        loader=jinja2.FileSystemLoader([str(d) for d in TEMPLATE_DIRS]),
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )

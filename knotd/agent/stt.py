@@ -1,0 +1,177 @@
+"""Speech to text with faster-whisper: an encoder window sized to the utterance, behind livekit's STT ABC.
+
+faster-whisper pads every utterance to a 30 s window, and the encoder pass over 30 s is most of the
+latency of a short turn on CPU (≈0.8 s of ≈1.3 s for a 3 s clip on 2 cores). CTranslate2's encoder
+accepts shorter windows, so `WhisperTranscriber` feeds it the smallest window of `WINDOW_BUCKETS_S` that
+holds the utterance (buckets keep the shapes few and repeating) and falls back to faster-whisper's stock
+30 s path beyond the largest bucket allowed by `stt.max_window_s`. Windows under 10 s are never used:
+5 s windows gave empty or repeated text.
+
+Decoding is greedy or beam as configured, at temperature 0 only: the stock fallback ladder (0.2 … 1.0)
+re-decodes misheard clips up to five times (6 s instead of 1.2 s) without better text.
+
+This module does not load the model (see `knotd.agent.models`) and does not detect speech (VAD does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import NamedTuple
+
+import numpy as np
+from faster_whisper import WhisperModel
+from faster_whisper.feature_extractor import FeatureExtractor
+from livekit import rtc
+from livekit.agents import APIError, stt, utils
+from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
+
+from knotd.config import SttSettings
+
+WHISPER_SAMPLE_RATE = 16000
+STOCK_WINDOW_S = 30
+WINDOW_BUCKETS_S = (10, 15, 20, 30)
+# Shorter than this is no speech worth decoding (and an empty array would fail in the feature extractor).
+_MIN_SAMPLES = WHISPER_SAMPLE_RATE // 20
+
+
+class Transcript(NamedTuple):
+    """What one utterance became: its text, the language it was decoded as, the encoder window used."""
+
+    text: str
+    language: str
+    window_s: int
+
+
+class _WindowedWhisper(WhisperModel):
+    """A view of a loaded WhisperModel whose encoder window is `window_s` seconds instead of 30.
+
+    It shares the CTranslate2 model, tokenizer and options of `base` (nothing is loaded or copied) and has
+    its own FeatureExtractor, so the shared model's extractor is never changed (`transcribe(chunk_length=…)`
+    would change it for every later caller). The view holds no per-call state: one view serves all threads.
+    """
+
+    def __init__(self, base: WhisperModel, window_s: int) -> None:  # no super().__init__: nothing to load
+        vars(self).update(vars(base))
+        self.feature_extractor = FeatureExtractor(**{**base.feat_kwargs, "chunk_length": window_s})
+        self.window_frames = self.feature_extractor.nb_max_frames
+
+    def encode(self, features: np.ndarray):  # -> ctranslate2.StorageView
+        # generate_segments() cuts segments of at most window_frames and then pads each to 3000 frames
+        # (faster_whisper.audio.pad_or_trim); cutting the padding back gives the short window.
+        return super().encode(features[..., : self.window_frames])
+
+
+class WhisperTranscriber:
+    """Transcribes 16 kHz mono audio with a shared WhisperModel and the daemon's STT settings.
+
+    Thread-safe: several sessions may call `transcribe_pcm` at once; CTranslate2 runs up to
+    `stt.num_workers` of them in parallel and queues the rest.
+    """
+
+    def __init__(self, model: WhisperModel, settings: SttSettings) -> None:
+        self.model = model
+        self.settings = settings
+        self._views = {
+            w: _WindowedWhisper(model, w) for w in WINDOW_BUCKETS_S if w < STOCK_WINDOW_S and w <= settings.max_window_s
+        }
+
+    def window_for(self, duration_s: float) -> int:
+        """The encoder window (seconds) used for an utterance of `duration_s`."""
+        return next((w for w in sorted(self._views) if duration_s <= w), STOCK_WINDOW_S)
+
+    def transcribe_pcm(self, pcm: np.ndarray, *, language: str | None = None,
+                       window_s: int | None = None) -> Transcript:
+        """Transcribe one utterance; blocks for about 0.3–1.5 s, so call it off the event loop.
+
+        Args:
+            pcm: 16 kHz mono float32 samples in [-1, 1].
+            language: overrides `stt.language` ("" or None there means: detect, which costs an encoder pass).
+            window_s: force an encoder window (a bucket, or 30 for the stock path); default: sized to `pcm`.
+        """
+        language = language or self.settings.language or None
+        if pcm.size < _MIN_SAMPLES:
+            return Transcript("", language or "", 0)
+        window = window_s if window_s is not None else self.window_for(pcm.size / WHISPER_SAMPLE_RATE)
+        model = self._views.get(window, self.model) if window != STOCK_WINDOW_S else self.model
+        if model is self.model:
+            window = STOCK_WINDOW_S
+        segments, info = model.transcribe(
+            pcm.astype(np.float32, copy=False),
+            language=language,
+            beam_size=self.settings.beam_size,
+            temperature=0.0,
+            condition_on_previous_text=False,
+            hotwords=self.settings.hotwords or None,
+            vad_filter=False,
+        )
+        text = " ".join(segment.text.strip() for segment in segments).strip()
+        return Transcript(text, info.language, window)
+
+
+def frame_to_whisper_input(frame: rtc.AudioFrame) -> np.ndarray:
+    """One audio frame (any rate, any channel count, s16) as 16 kHz mono float32 in [-1, 1]."""
+    samples = np.frombuffer(frame.data, dtype=np.int16)
+    if frame.num_channels > 1:
+        samples = samples.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
+    if frame.sample_rate != WHISPER_SAMPLE_RATE and samples.size:
+        resampler = rtc.AudioResampler(frame.sample_rate, WHISPER_SAMPLE_RATE, num_channels=1,
+                                       quality=rtc.AudioResamplerQuality.HIGH)
+        out = resampler.push(bytearray(samples.tobytes())) + resampler.flush()
+        samples = np.concatenate([np.frombuffer(f.data, dtype=np.int16) for f in out]) if out else samples[:0]
+    return samples.astype(np.float32) / 32768.0
+
+
+class WhisperSTT(stt.STT):
+    """livekit STT (non-streaming) around a shared WhisperModel; the session's VAD cuts the utterances."""
+
+    def __init__(self, model: WhisperModel, settings: SttSettings, *, model_name: str | None = None) -> None:
+        """Cheap: builds views on the already loaded `model`.
+
+        Args:
+            model_name: reported in livekit's STT metrics; defaults to the model directory's name.
+        """
+        super().__init__(capabilities=stt.STTCapabilities(streaming=False, interim_results=False))
+        self._transcriber = WhisperTranscriber(model, settings)
+        self._model_name = model_name or settings.model.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def model(self) -> str:
+        return self._model_name
+
+    @property
+    def provider(self) -> str:
+        return "faster-whisper"
+
+    @property
+    def transcriber(self) -> WhisperTranscriber:
+        return self._transcriber
+
+    def transcribe_pcm(self, pcm: np.ndarray, *, language: str | None = None) -> Transcript:
+        """Transcribe 16 kHz mono float32 audio (blocking); see `WhisperTranscriber.transcribe_pcm`."""
+        return self._transcriber.transcribe_pcm(pcm, language=language)
+
+    async def _recognize_impl(
+        self,
+        buffer: utils.AudioBuffer,
+        *,
+        language: NotGivenOr[str] = NOT_GIVEN,
+        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+    ) -> stt.SpeechEvent:
+        frames = buffer if isinstance(buffer, list) else [buffer]
+        forced = language if utils.is_given(language) else None
+        if frames:
+            try:
+                result = await asyncio.to_thread(self._recognize_blocking, rtc.combine_audio_frames(frames), forced)
+            except (RuntimeError, ValueError) as err:  # CTranslate2 and numpy failures
+                raise APIError(f"whisper transcription failed: {type(err).__name__}: {err}",
+                               retryable=False) from err
+        else:
+            result = Transcript("", forced or self._transcriber.settings.language, 0)
+        return stt.SpeechEvent(
+            type=stt.SpeechEventType.FINAL_TRANSCRIPT,
+            request_id=utils.shortuuid("stt_"),
+            alternatives=[stt.SpeechData(language=result.language, text=result.text)],
+        )
+
+    def _recognize_blocking(self, frame: rtc.AudioFrame, language: str | None) -> Transcript:
+        return self._transcriber.transcribe_pcm(frame_to_whisper_input(frame), language=language)
