@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Feed a WAV through VAD → STT → guardrails → LLM → TTS in-process, write "
                        "the spoken reply, print transcript and stage latencies; the status server runs meanwhile.")
     config_arg(p, default=None)
-    p.add_argument("--audio", type=Path, help="German request as WAV (default: the bundled demo request)")
+    p.add_argument("--audio", type=Path, action="append",
+                   help="a German request as WAV, 16-bit PCM; repeat for several turns (default: bundled request)")
     p.add_argument("--out", type=Path, default=Path("reply.wav"), help="where to write the reply (reply.wav)")
     p.add_argument("--serve", action="store_true", help="keep the status server open after the session")
 

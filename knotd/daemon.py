@@ -21,10 +21,10 @@ from aiohttp import web
 
 from knotd import metrics
 from knotd.config import Settings
-from knotd.errors import KnotdError, WorkerError
+from knotd.errors import WorkerError
 from knotd.stages import stage
 from knotd.state import DaemonState, Lifecycle
-from knotd.status.app import LoopMonitor, create_app
+from knotd.status.app import LoopMonitor, start_status_server
 from knotd.systemd import Notifier
 from knotd.worker import ConnectionWatch, build_server
 
@@ -41,11 +41,6 @@ class AgentRuntime(Protocol):
     def describe_models(self, models: Any) -> str: ...
 
     def build_entrypoint(self, settings: Settings, models: Any, state: DaemonState) -> Any: ...
-
-
-class ListenError(KnotdError):
-    def __init__(self, address: str, reason: str) -> None:
-        super().__init__(f"cannot listen on {address}: {reason}")
 
 
 class Daemon:
@@ -84,7 +79,7 @@ class Daemon:
             self.state.model = self.runtime.describe_models(models)
 
             with stage("status_listen"):
-                runner = await self._start_status_server(monitor)
+                runner = await start_status_server(self.state, self.settings.status.listen, monitor)
 
             entrypoint = self.runtime.build_entrypoint(self.settings, models, self.state)
             return await self._serve_worker(entrypoint)
@@ -223,16 +218,3 @@ class Daemon:
         self.state.set_lifecycle(Lifecycle.STOPPED, "stopped before ready")
         self.notifier.stopping("stopped before ready")
         return 0
-
-    async def _start_status_server(self, monitor: LoopMonitor) -> web.AppRunner:
-        listen = self.settings.status.listen
-        runner = web.AppRunner(create_app(self.state, monitor), access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as err:
-            await runner.cleanup()
-            raise ListenError(str(listen), err.strerror or type(err).__name__) from None
-        log.info("status_server_listening", address=str(listen))
-        return runner

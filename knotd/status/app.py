@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import structlog
 from aiohttp import web
 
 from knotd import metrics
+from knotd.config import ListenAddress
+from knotd.errors import KnotdError
 from knotd.state import DaemonState
+
+log = structlog.get_logger(__name__)
 
 STATE_KEY = web.AppKey("knotd.state", DaemonState)
 LOOP_MONITOR_KEY = web.AppKey("knotd.loop_monitor", "LoopMonitor")
@@ -132,3 +137,28 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     snap = {"ready": state.is_ready, "state": state.lifecycle.value, "reason": state.reason}
     return web.json_response(snap, status=200 if state.is_ready else 503)
+
+
+class ListenError(KnotdError):
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address}: {reason}")
+
+
+async def start_status_server(
+    state: DaemonState, listen: ListenAddress, monitor: LoopMonitor | None = None
+) -> web.AppRunner:
+    """Serve ``create_app(state)`` on ``listen``; the caller owns the runner (``await runner.cleanup()``).
+
+    Raises:
+        ListenError: the address cannot be bound (in use, not local, no permission).
+    """
+    runner = web.AppRunner(create_app(state, monitor), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as err:
+        await runner.cleanup()
+        raise ListenError(str(listen), err.strerror or type(err).__name__) from None
+    log.info("status_server_listening", address=str(listen))
+    return runner

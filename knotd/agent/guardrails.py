@@ -1,0 +1,468 @@
+"""Guardrails for the Knotencheck conversation: rules as data, checked on user transcripts and LLM text.
+
+A rule file (TOML, ``[[rule]]`` tables) names each rule and gives its direction (``input``: the user's final
+transcript, ``output``: LLM text before TTS, ``both``), word lists and/or regular expressions, an action
+(``block``: refuse and speak the reply; ``redirect``: speak the reply and move the conversation to
+``phase``) and the German reply spoken instead. Rules are checked in file order; the first hit wins.
+
+Matching sees *normalised* text: case-folded, ``ä/ö/ü`` as ``ae/oe/ue``, ``ß`` as ``ss``, and the dots of
+common abbreviations (``z. B.``, ``ca.``, ``Dr.``) removed, so "Übelkeit", "uebelkeit" and "ÜBELKEIT" are one
+word and an abbreviation never splits a sentence. Word entries match whole words; ``*`` stands for any
+letters ("*tablette*" matches "Schmerztabletten"). A rule with ``skip_negated = true`` ignores a match that
+one of the three words before it negates ("ich habe keine Atemnot").
+
+This module is pure: no livekit, no asyncio, and no I/O except reading the rules file in
+``Guardrail.load()``. It does not classify meaning (no LLM judge): the rules are plain patterns a reviewer can
+read and test. Counting is left to the caller through ``record_verdict()``; timing (``input_guard`` and
+``output_guard`` stages) belongs to the session.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from knotd import metrics
+from knotd.errors import ConfigError
+
+DIRECTIONS = ("input", "output")
+RULE_DIRECTIONS = ("input", "output", "both")
+ACTIONS = ("block", "redirect")
+
+_RULE_KEYS = {"name", "direction", "action", "reply", "words", "patterns", "phase", "skip_negated"}
+_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
+
+# Dots after these never end a sentence; normalisation drops them so patterns see "z b ibuprofen".
+ABBREVIATIONS = frozenset(
+    "z b d h u a o g s e i v dr ca bzw usw etc evtl ggf ggfs vgl nr prof inkl sog tgl bspw mind max min "
+    "std str li re ua zb dh od".split()
+)
+NEGATORS = frozenset(
+    "kein keine keinen keinem keiner keines nicht nie niemals ohne weder no not never without".split()
+)
+
+_TRANSLITERATE = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss", "Ä": "Ae", "Ö": "Oe", "Ü": "Ue",
+                                "ẞ": "SS"})
+_ABBREVIATION_DOT = re.compile(r"(?<!\w)(" + "|".join(sorted(ABBREVIATIONS, key=len, reverse=True)) +
+                               r")\.", re.IGNORECASE)
+_SPACES = re.compile(r"\s+")
+_WORD = re.compile(r"\w+")
+
+
+def normalize(text: str) -> str:
+    """Text as rules see it: case-folded, umlauts and ß spelled out, abbreviation dots dropped, single spaces."""
+    text = text.casefold().translate(_TRANSLITERATE)
+    text = _ABBREVIATION_DOT.sub(r"\1", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def _word_regex(entry: str) -> str:
+    """A word-list entry as a whole-word regex over normalised text (``*`` = any letters)."""
+    parts = [re.escape(part) for part in normalize(entry).split("*")]
+    body = r"\w*".join(parts).replace(r"\ ", r"\s+")
+    return rf"(?<!\w){body}(?!\w)"
+
+
+class TextMatcher:
+    """Word lists and regexes over normalised text; reused by the phase script for answer matching.
+
+    Args:
+        words: whole-word entries (``*`` = any letters).
+        patterns: regular expressions written against normalised text; umlauts/ß in them are spelled out.
+        skip_negated: ignore a match when one of the three words before it is a negation.
+
+    Raises:
+        re.error: for a pattern that does not compile (callers turn it into a ConfigError).
+    """
+
+    def __init__(self, words: Iterable[str] = (), patterns: Iterable[str] = (), *,
+                 skip_negated: bool = False) -> None:
+        sources = [_word_regex(w) for w in words] + [p.translate(_TRANSLITERATE) for p in patterns]
+        self._regexes = [re.compile(s, re.IGNORECASE) for s in sources]
+        self.skip_negated = skip_negated
+
+    def __bool__(self) -> bool:
+        return bool(self._regexes)
+
+    def matches(self, normalized: str) -> bool:
+        """Whether any entry matches ``normalized`` (the output of ``normalize()``)."""
+        for regex in self._regexes:
+            for m in regex.finditer(normalized):
+                if not (self.skip_negated and _is_negated(normalized, m.start())):
+                    return True
+        return False
+
+
+def _is_negated(text: str, start: int) -> bool:
+    before = _WORD.findall(text[max(0, start - 60):start])[-3:]
+    return any(word in NEGATORS for word in before)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    directions: frozenset[str]
+    action: str
+    reply: str
+    matcher: TextMatcher = field(compare=False)
+    phase: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one check.
+
+    ``allowed`` is False on a hit; then ``rule`` names the rule, ``reply`` is the safe line to speak instead,
+    ``action`` is ``block`` or ``redirect`` and ``phase`` the phase a redirect moves to. ``checked`` lists the
+    rules evaluated (in order, up to and including the hit), for ``knotd_guardrail_checks_total``.
+    """
+
+    allowed: bool
+    rule: str | None = None
+    reply: str | None = None
+    action: str | None = None
+    phase: str | None = None
+    checked: tuple[str, ...] = ()
+
+
+class Guardrail:
+    """An immutable, loaded rule set; share one across sessions and threads."""
+
+    def __init__(self, rules: Sequence[Rule], source: str = "<rules>") -> None:
+        self.rules = tuple(rules)
+        self.source = source
+
+    @classmethod
+    def load(cls, path: Path | str | None = None) -> Guardrail:
+        """Read a rules file, or the shipped Knotencheck rules when ``path`` is None or empty.
+
+        Raises:
+            ConfigError: one line naming the file, the rule and the field that is wrong.
+        """
+        if not path:
+            text = resources.files("knotd").joinpath("data/guardrails.toml").read_text(encoding="utf-8")
+            return cls.parse(text, source="<shipped guardrails.toml>")
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError("guardrails.rules", f"file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError("guardrails.rules", f"cannot read {path}: {type(err).__name__}") from None
+        return cls.parse(text, source=str(path))
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<rules>") -> Guardrail:
+        """Build a rule set from TOML text; ``source`` names it in errors.
+
+        Raises:
+            ConfigError: for invalid TOML or an invalid rule.
+        """
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError("guardrails.rules", f"invalid TOML: {err}", source) from None
+        unknown = sorted(set(data) - {"rule"})
+        if unknown:
+            raise ConfigError("guardrails.rules", f"unknown top-level key {unknown[0]!r} (expected [[rule]])",
+                              source)
+        raw_rules = data.get("rule", [])
+        if not isinstance(raw_rules, list) or not raw_rules:
+            raise ConfigError("guardrails.rules", "no rules: add at least one [[rule]] table", source)
+        rules: list[Rule] = []
+        for index, raw in enumerate(raw_rules, 1):
+            rule = _parse_rule(raw, index, text, source)
+            if any(r.name == rule.name for r in rules):
+                raise ConfigError(f"rule[{rule.name}].name", "duplicate rule name", _locate(text, source, rule.name))
+            rules.append(rule)
+        return cls(rules, source)
+
+    def rule_names(self, direction: str) -> tuple[str, ...]:
+        """Names of the rules checked in ``direction`` (input or output), in check order."""
+        return tuple(r.name for r in self.rules if direction in r.directions)
+
+    def check_input(self, text: str) -> Verdict:
+        """Check a user's final transcript before the LLM sees it."""
+        return self._check("input", text)
+
+    def check_output(self, text: str) -> Verdict:
+        """Check LLM text (a sentence, or a whole reply) before TTS and the transcript see it."""
+        return self._check("output", text)
+
+    def _check(self, direction: str, text: str) -> Verdict:
+        normalized = normalize(text)
+        checked: list[str] = []
+        for rule in self.rules:
+            if direction not in rule.directions:
+                continue
+            checked.append(rule.name)
+            if normalized and rule.matcher.matches(normalized):
+                return Verdict(False, rule.name, rule.reply, rule.action, rule.phase, tuple(checked))
+        return Verdict(True, checked=tuple(checked))
+
+
+def _parse_rule(raw: Any, index: int, text: str, source: str) -> Rule:
+    label = f"rule[#{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(label, "must be a table ([[rule]])", source)
+    name = raw.get("name")
+    if isinstance(name, str) and _NAME_RE.fullmatch(name):
+        label = f"rule[{name}]"
+    where = _locate(text, source, name if isinstance(name, str) else None)
+
+    def fail(key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{label}.{key}", reason, where)
+
+    unknown = sorted(set(raw) - _RULE_KEYS)
+    if unknown:
+        raise fail(unknown[0], f"unknown field (expected one of {', '.join(sorted(_RULE_KEYS))})")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise fail("name", "required: lower-case letters, digits and '_' (it becomes a metric label)")
+    direction = _choice(raw, "direction", RULE_DIRECTIONS, fail)
+    action = _choice(raw, "action", ACTIONS, fail)
+    reply = raw.get("reply")
+    if not isinstance(reply, str) or not reply.strip():
+        raise fail("reply", "required: the German line spoken instead")
+    words = _string_list(raw, "words", fail)
+    patterns = _string_list(raw, "patterns", fail)
+    if not words and not patterns:
+        raise fail("words", "a rule needs at least one entry in 'words' or 'patterns'")
+    skip_negated = raw.get("skip_negated", False)
+    if not isinstance(skip_negated, bool):
+        raise fail("skip_negated", "expected true or false")
+    phase = raw.get("phase")
+    if phase is not None and (not isinstance(phase, str) or not phase):
+        raise fail("phase", "expected a phase name")
+    if action == "redirect" and phase is None:
+        raise fail("phase", "required when action = \"redirect\" (the phase the conversation moves to)")
+    for pattern in patterns:
+        try:
+            re.compile(pattern.translate(_TRANSLITERATE))
+        except re.error as err:
+            raise fail("patterns", f"invalid regex {pattern!r}: {err}") from None
+    directions = frozenset(DIRECTIONS) if direction == "both" else frozenset({direction})
+    matcher = TextMatcher(words, patterns, skip_negated=skip_negated)
+    return Rule(name, directions, action, reply.strip(), matcher, phase)
+
+
+def _choice(raw: dict[str, Any], key: str, choices: tuple[str, ...], fail: Callable[[str, str], ConfigError]) -> str:
+    value = raw.get(key)
+    if value not in choices:
+        raise fail(key, f"must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _string_list(raw: dict[str, Any], key: str, fail: Callable[[str, str], ConfigError]) -> list[str]:
+    value = raw.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise fail(key, "expected a list of non-empty strings")
+    return value
+
+
+def _locate(text: str, source: str, name: str | None) -> str:
+    """``file:line`` of the rule's ``name = ...`` line when it can be found (tomllib keeps no positions)."""
+    if name:
+        wanted = re.compile(rf"""^\s*name\s*=\s*["']{re.escape(name)}["']""")
+        for number, line in enumerate(text.splitlines(), 1):
+            if wanted.match(line):
+                return f"{source}:{number}"
+    return source
+
+
+# --- streaming output -------------------------------------------------------------------------------------
+
+# A sentence ends at . ! ? or … (plus closing quotes/brackets) followed by white space, or at a line break.
+_BOUNDARY = re.compile(r"[.!?…]+[\"'»«“”„)\]]*\s+|\n\s*")
+_TOKEN_BEFORE = re.compile(r"(\w+)[.]$")
+
+
+def _is_sentence_end(text: str, match: re.Match[str]) -> bool:
+    punct = match.group().rstrip()
+    if not punct or punct[0] != "." or len(punct) > 1:
+        return True
+    token = _TOKEN_BEFORE.search(text[: match.start() + 1])
+    if token is None:
+        return True
+    word = token.group(1).casefold()
+    # "z. B.", "ca." and ordinals ("am 3. Mai", "1. Schritt") do not end a sentence.
+    return not (word in ABBREVIATIONS or word.isdigit())
+
+
+class SentenceGuard:
+    """Releases streamed LLM text sentence by sentence, each one checked by the output rules.
+
+    ``feed()`` returns the complete sentences that passed, holding an incomplete one back. On a hit it
+    returns the rule's reply instead of the sentence and stops: everything after is dropped, so an unsafe
+    sentence never reaches TTS or the transcript. ``flush()`` checks and releases what is held at the end
+    of the stream. Text without any sentence end is split at a space after ``max_pending_chars``; such a
+    piece is checked together with the piece before it, so a forced split cannot cut a pattern in two.
+    """
+
+    def __init__(self, guardrail: Guardrail, *, on_verdict: Callable[[Verdict], None] | None = None,
+                 max_pending_chars: int = 400) -> None:
+        self._guardrail = guardrail
+        self._on_verdict = on_verdict
+        self._max_pending = max_pending_chars
+        self._buffer = ""
+        self._context = ""
+        self._is_discarded = False
+        self.hit: Verdict | None = None
+
+    @property
+    def is_stopped(self) -> bool:
+        """True after a hit or ``discard()``: nothing more is released."""
+        return self.hit is not None or self._is_discarded
+
+    @property
+    def pending(self) -> str:
+        """Text received but not yet released."""
+        return self._buffer
+
+    def feed(self, chunk: str) -> list[str]:
+        """Add streamed text; return the safe complete sentences (or the reply of a hit)."""
+        if self.is_stopped:
+            return []
+        self._buffer += chunk
+        released: list[str] = []
+        start = 0
+        for match in _BOUNDARY.finditer(self._buffer):
+            if not _is_sentence_end(self._buffer, match):
+                continue
+            released += self._release(self._buffer[start:match.end()])
+            start = match.end()
+            if self.is_stopped:
+                return released
+        self._buffer = self._buffer[start:]
+        if len(self._buffer) > self._max_pending:
+            cut = self._buffer.rfind(" ", 0, self._max_pending) + 1 or self._max_pending
+            piece, self._buffer = self._buffer[:cut], self._buffer[cut:]
+            released += self._release(piece, forced=True)
+        return released
+
+    def flush(self) -> list[str]:
+        """End of stream: check and release the held text."""
+        if self.is_stopped or not self._buffer:
+            return []
+        piece, self._buffer = self._buffer, ""
+        return self._release(piece)
+
+    def discard(self) -> int:
+        """Drop the held text without releasing it and stop; return how many characters were dropped."""
+        dropped = len(self._buffer.strip())
+        self._buffer = ""
+        self._is_discarded = True
+        return dropped
+
+    def _release(self, piece: str, *, forced: bool = False) -> list[str]:
+        if not piece.strip():
+            return [piece]
+        verdict = self._guardrail.check_output(self._context + piece)
+        self._context = piece if forced else ""
+        if self._on_verdict is not None:
+            self._on_verdict(verdict)
+        if verdict.allowed:
+            return [piece]
+        self.hit = verdict
+        self._buffer = ""
+        return [verdict.reply or ""]
+
+
+# --- one session's view -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuardSummary:
+    """What the guardrail saw in one session, for the session summary record."""
+
+    checks: dict[str, int]
+    hits: dict[str, dict[str, int]]
+    discarded_chars: int
+
+    @property
+    def total_hits(self) -> int:
+        return sum(sum(per_rule.values()) for per_rule in self.hits.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checks": dict(self.checks), "hits": {d: dict(r) for d, r in self.hits.items()},
+                "discarded_chars": self.discarded_chars}
+
+
+class SessionGuard:
+    """One session's guardrail: checks both directions, tallies hits per rule, and closes the session.
+
+    Args:
+        guardrail: the shared rule set.
+        on_verdict: called as ``on_verdict(direction, verdict)`` after every check; pass ``record_verdict``
+            to count checks and hits in Prometheus.
+    """
+
+    def __init__(self, guardrail: Guardrail, *, on_verdict: Callable[[str, Verdict], None] | None = None) -> None:
+        self.guardrail = guardrail
+        self._on_verdict = on_verdict
+        self._checks: Counter[str] = Counter()
+        self._hits: dict[str, Counter[str]] = {d: Counter() for d in DIRECTIONS}
+        self._streams: list[SentenceGuard] = []
+        self._summary: GuardSummary | None = None
+
+    def check_input(self, text: str) -> Verdict:
+        """Check a final user transcript; tallied."""
+        verdict = self.guardrail.check_input(text)
+        self._tally("input", verdict)
+        return verdict
+
+    def check_output(self, text: str) -> Verdict:
+        """Check a whole piece of agent text (for example a line passed to ``session.say``); tallied."""
+        verdict = self.guardrail.check_output(text)
+        self._tally("output", verdict)
+        return verdict
+
+    def sentence_guard(self) -> SentenceGuard:
+        """A SentenceGuard for one streamed reply; its checks are tallied and ``close()`` sees what it holds."""
+        self._streams = [s for s in self._streams if s.pending and not s.is_stopped]
+        stream = SentenceGuard(self.guardrail, on_verdict=lambda v: self._tally("output", v))
+        self._streams.append(stream)
+        return stream
+
+    def close(self) -> GuardSummary:
+        """The closing guard step: drop output still held back (it was never spoken), return the tallies.
+
+        Idempotent: later calls return the same summary.
+        """
+        if self._summary is None:
+            discarded = sum(s.discard() for s in self._streams)
+            self._streams.clear()
+            self._summary = GuardSummary(
+                checks=dict(self._checks),
+                hits={d: dict(c) for d, c in self._hits.items() if c},
+                discarded_chars=discarded,
+            )
+        return self._summary
+
+    def _tally(self, direction: str, verdict: Verdict) -> None:
+        self._checks[direction] += 1
+        if not verdict.allowed and verdict.rule:
+            self._hits[direction][verdict.rule] += 1
+        if self._on_verdict is not None:
+            self._on_verdict(direction, verdict)
+
+
+def record_verdict(direction: str, verdict: Verdict) -> None:
+    """Count one check in ``knotd_guardrail_checks_total`` (per rule evaluated) and a hit in ``..._hits_total``."""
+    for rule in verdict.checked:
+        metrics.GUARDRAIL_CHECKS.labels(direction=direction, rule=rule).inc()
+    if not verdict.allowed and verdict.rule:
+        metrics.GUARDRAIL_HITS.labels(direction=direction, rule=verdict.rule).inc()
+
+
+def initialise_metrics(guardrail: Guardrail) -> None:
+    """Create every (direction, rule) series at zero so dashboards see zeros, not gaps."""
+    for direction in DIRECTIONS:
+        for rule in guardrail.rule_names(direction):
+            metrics.GUARDRAIL_CHECKS.labels(direction=direction, rule=rule)
+            metrics.GUARDRAIL_HITS.labels(direction=direction, rule=rule)
