@@ -157,9 +157,8 @@ class Daemon:
         if self._stop.is_set() or self.state.lifecycle is Lifecycle.DRAINING:
             return
         url = self.settings.livekit.url
-        was_registered = self.state.registered_since is not None
         self.state.worker_lost()
-        if was_registered or self.state.lifecycle is Lifecycle.READY:
+        if self.state.registrations > 0:
             self._set(Lifecycle.RECONNECTING, f"reconnecting to {url}: connection lost")
         else:
             self._set(Lifecycle.CONNECTING, f"connecting to {url}: not reachable yet, retrying")

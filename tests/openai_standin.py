@@ -8,6 +8,7 @@ every request body. ``GET /v1/models`` lists the one model. Modes (set ``standin
 - ``http_500``: answer 500 with an OpenAI-style error body;
 - ``stall``: accept the request and send nothing until the stand-in closes;
 - ``slow_first_token``: send the headers, wait ``first_token_delay_s``, then stream normally;
+- ``keepalive``: send the headers, then only SSE comments (``: keep-alive``) every 0.1 s, never text;
 - ``drop``: send the first chunk, then cut the connection.
 
 It does not implement non-streaming completions, tools, authentication or any other endpoint. Run as
@@ -22,11 +23,11 @@ import json
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
-MODES = ("normal", "http_500", "stall", "slow_first_token", "drop")
+MODES = ("normal", "http_500", "stall", "slow_first_token", "keepalive", "drop")
 DEFAULT_REPLY = "Guten Tag. Ich bin die Stand-in-Antwort. Wie kann ich helfen?"
 
 
@@ -54,7 +55,7 @@ class OpenAIStandin:
         self._released = asyncio.Event()
         self.base_url = ""
 
-    async def __aenter__(self) -> OpenAIStandin:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
@@ -102,6 +103,14 @@ class OpenAIStandin:
 
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
+        if mode == "keepalive":
+            while not self._released.is_set():
+                await response.write(b": keep-alive\n\n")
+                try:
+                    await asyncio.wait_for(self._released.wait(), timeout=0.1)
+                except TimeoutError:
+                    pass
+            return response
         if mode == "slow_first_token":
             try:
                 await asyncio.wait_for(self._released.wait(), timeout=self.first_token_delay_s)

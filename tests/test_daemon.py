@@ -48,7 +48,7 @@ async def test_ready_only_after_registration(standin, start_daemon, notify_socke
 
 async def test_connection_drop_turns_readyz_503_until_reregistered(standin, start_daemon, notify_socket):
     daemon = await start_daemon(standin.url)
-    await notify_socket.wait_for("READY", timeout=60)
+    await notify_socket.wait_for("READY", timeout=120)
     await daemon.wait_http("/readyz", 200)
 
     standin.refuse_next(1)  # the first reconnect fails, so the worker stays away for its 2 s backoff
@@ -66,7 +66,7 @@ async def test_connection_drop_turns_readyz_503_until_reregistered(standin, star
 
 async def test_sigterm_drains_and_exits_zero(standin, start_daemon, notify_socket):
     daemon = await start_daemon(standin.url)
-    await notify_socket.wait_for("READY", timeout=60)
+    await notify_socket.wait_for("READY", timeout=120)
     daemon.signal(signal.SIGTERM)
     stopping = await notify_socket.wait_for("STOPPING", timeout=5)
     assert stopping.pid == daemon.pid
@@ -80,7 +80,7 @@ async def test_second_sigterm_exits_at_once_with_failure(standin, start_daemon, 
     Result: the first starts the drain, the second ends the process at once with a non-zero code.
     """
     daemon = await start_daemon(standin.url, worker="drain_timeout_s = 60")
-    await notify_socket.wait_for("READY", timeout=60)
+    await notify_socket.wait_for("READY", timeout=120)
     async with _black_hole() as url:
         job = await standin.dispatch_job("drain-room", url=url)
         assert job.accepted
@@ -124,7 +124,7 @@ async def test_worker_giving_up_exits_nonzero(start_daemon, notify_socket):
 
 async def test_secret_never_leaves_the_process(standin, start_daemon, notify_socket):
     daemon = await start_daemon(standin.url)
-    await notify_socket.wait_for("READY", timeout=60)
+    await notify_socket.wait_for("READY", timeout=120)
     pages = [(await daemon.get(path))[1] for path in ("/", "/api/status", "/metrics", "/readyz", "/healthz")]
     daemon.signal(signal.SIGTERM)
     await daemon.wait_exit(timeout=15)
@@ -136,7 +136,7 @@ async def test_secret_never_leaves_the_process(standin, start_daemon, notify_soc
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) missing")
 async def test_metrics_pass_promtool(standin, start_daemon, notify_socket):
     daemon = await start_daemon(standin.url)
-    await notify_socket.wait_for("READY", timeout=60)
+    await notify_socket.wait_for("READY", timeout=120)
     _, text = await daemon.get("/metrics")
     proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
     # promtool exits 1 for lint warnings too; only real errors matter (no lint output expected from knotd_*)

@@ -12,10 +12,12 @@ import signal
 import sys
 import time
 from importlib import resources as importlib_resources
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import structlog
+from livekit import rtc
 
 from knotd import metrics, stages
 from knotd.agent.local_io import RecordingAudioOutput, ScriptedAudioInput, read_wav, write_wav
@@ -49,7 +51,7 @@ async def run_demo(
     """Run the demo session; returns the exit code. Prints the transcript, stage and turn latencies."""
     from knotd.agent import register_plugins
     from knotd.agent.models import load_models
-    from knotd.agent.session import AgentResources, KnotencheckSession, describe_models
+    from knotd.agent.session import AgentResources, describe_models
 
     register_plugins()
 
@@ -75,24 +77,9 @@ async def run_demo(
         shared = AgentResources.load(settings, models)
         state.set_lifecycle(Lifecycle.READY, "demo session")
 
-        mic = ScriptedAudioInput()
-        speaker = RecordingAudioOutput(sample_rate=settings.tts.sample_rate)
-        async with stage("session_start"):
-            conversation = KnotencheckSession(shared, state, "demo-1", "demo (local audio)")
-            await conversation.start(audio_input=mic, audio_output=speaker)
-
-        replies = _ReplyWatch(conversation)
-        await replies.wait(1)  # the greeting
-        first_reply_segment = len(speaker.segments)
-        for i, clip in enumerate(clips, start=2):
-            played = mic.play(clip)
-            await played.wait()
-            await replies.wait(i)
-        await asyncio.sleep(0.2)
-        record = await conversation.aclose("completed")
-
-        reply_frames = [f for seg in speaker.segments[first_reply_segment:] for f in seg.frames]
-        duration = write_wav(out, reply_frames)
+        result = await converse(shared, state, clips)
+        record, conversation = result.record, result.conversation
+        duration = write_wav(out, result.reply_frames)
         _print_report(printer, conversation, record, out, duration)
         state.set_lifecycle(Lifecycle.READY, "demo finished")
         if serve:
@@ -101,6 +88,58 @@ async def run_demo(
         return 0
     finally:
         await runner.cleanup()
+
+
+@dataclass
+class LocalConversation:
+    conversation: Any  # KnotencheckSession
+    speaker: RecordingAudioOutput
+    record: dict[str, Any]
+    first_reply_segment: int
+
+    @property
+    def reply_frames(self) -> list[rtc.AudioFrame]:
+        """The agent's audio after its greeting: its answers to the clips."""
+        return [f for seg in self.speaker.segments[self.first_reply_segment:] for f in seg.frames]
+
+
+async def converse(
+    shared: Any,
+    state: DaemonState,
+    clips: Sequence[rtc.AudioFrame],
+    *,
+    session_id: str = "demo-1",
+    realtime_playout: bool = True,
+) -> LocalConversation:
+    """One conversation on local audio: wait for the greeting, say each clip, wait for each answer, close.
+
+    Args:
+        shared: the ``AgentResources`` (models, rules, script).
+        realtime_playout: play the agent's audio out in real time (the demo) or instantly (tests).
+    """
+    from knotd.agent.session import KnotencheckSession
+
+    mic = ScriptedAudioInput()
+    speaker = RecordingAudioOutput(sample_rate=shared.settings.tts.sample_rate, realtime=realtime_playout)
+    async with stage("session_start"):
+        conversation = KnotencheckSession(shared, state, session_id, "demo (local audio)")
+        await conversation.start(audio_input=mic, audio_output=speaker)
+    try:
+        replies = _ReplyWatch(conversation)
+        await replies.wait(1)  # the greeting
+        first_reply_segment = len(speaker.segments)
+        for i, clip in enumerate(clips, start=2):
+            played = mic.play(clip)
+            await played.wait()
+            await replies.wait(i)
+        await asyncio.sleep(0.2)
+    except BaseException:
+        await conversation.aclose("error")
+        raise
+    finally:
+        mic.close()
+    record = await conversation.aclose("completed")
+    return LocalConversation(conversation, speaker, record, first_reply_segment)
 
 
 class _ReplyWatch:

@@ -11,18 +11,22 @@ word and an abbreviation never splits a sentence. Word entries match whole words
 letters ("*tablette*" matches "Schmerztabletten"). A rule with ``skip_negated = true`` ignores a match that
 one of the three words before it negates ("ich habe keine Atemnot").
 
-This module is pure: no livekit, no asyncio, and no I/O except reading the rules file in
-``Guardrail.load()``. It does not classify meaning (no LLM judge): the rules are plain patterns a reviewer can
-read and test. Counting is left to the caller through ``record_verdict()``; timing (``input_guard`` and
-``output_guard`` stages) belongs to the session.
+Pieces: ``Guardrail`` (the loaded rules, shared), ``SentenceGuard`` (one streamed reply), ``SessionGuard`` (one
+session: tallies and the closing step), ``guard_llm_output()`` (the output guard as an async generator for
+``Agent.llm_node``), ``record_verdict()`` (the Prometheus counters; the only use of ``knotd.metrics``).
+
+This module does not import livekit and does no I/O except reading the rules file in ``Guardrail.load()``.
+It does not classify meaning (no LLM judge): the rules are plain patterns a reviewer can read and test.
+Timing the ``input_guard`` and ``output_guard`` stages belongs to the session (``Verdict.elapsed_s`` helps).
 """
 
 from __future__ import annotations
 
 import re
+import time
 import tomllib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,13 +43,15 @@ _RULE_KEYS = {"name", "direction", "action", "reply", "words", "patterns", "phas
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
 # Dots after these never end a sentence; normalisation drops them so patterns see "z b ibuprofen".
-ABBREVIATIONS = frozenset(
-    "z b d h u a o g s e i v dr ca bzw usw etc evtl ggf ggfs vgl nr prof inkl sog tgl bspw mind max min "
-    "std str li re ua zb dh od".split()
-)
-NEGATORS = frozenset(
-    "kein keine keinen keinem keiner keines nicht nie niemals ohne weder no not never without".split()
-)
+ABBREVIATIONS = frozenset((
+    "z", "b", "d", "h", "u", "a", "o", "g", "s", "e", "i", "v", "dr", "ca", "bzw", "usw", "etc", "evtl", "ggf",
+    "ggfs", "vgl", "nr", "prof", "inkl", "sog", "tgl", "bspw", "mind", "max", "min", "std", "str", "li", "re",
+    "ua", "zb", "dh", "od",
+))
+NEGATORS = frozenset((
+    "kein", "keine", "keinen", "keinem", "keiner", "keines", "nicht", "nie", "niemals", "ohne", "weder",
+    "no", "not", "never", "without",
+))
 
 _TRANSLITERATE = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "ß": "ss", "Ä": "Ae", "Ö": "Oe", "Ü": "Ue",
                                 "ẞ": "SS"})
@@ -120,7 +126,8 @@ class Verdict:
 
     ``allowed`` is False on a hit; then ``rule`` names the rule, ``reply`` is the safe line to speak instead,
     ``action`` is ``block`` or ``redirect`` and ``phase`` the phase a redirect moves to. ``checked`` lists the
-    rules evaluated (in order, up to and including the hit), for ``knotd_guardrail_checks_total``.
+    rules evaluated (in order, up to and including the hit), for ``knotd_guardrail_checks_total``;
+    ``elapsed_s`` is how long the check took (for the ``input_guard`` / ``output_guard`` stages).
     """
 
     allowed: bool
@@ -129,6 +136,7 @@ class Verdict:
     action: str | None = None
     phase: str | None = None
     checked: tuple[str, ...] = ()
+    elapsed_s: float = field(default=0.0, compare=False)
 
 
 class Guardrail:
@@ -196,6 +204,7 @@ class Guardrail:
         return self._check("output", text)
 
     def _check(self, direction: str, text: str) -> Verdict:
+        start = time.perf_counter()
         normalized = normalize(text)
         checked: list[str] = []
         for rule in self.rules:
@@ -203,8 +212,9 @@ class Guardrail:
                 continue
             checked.append(rule.name)
             if normalized and rule.matcher.matches(normalized):
-                return Verdict(False, rule.name, rule.reply, rule.action, rule.phase, tuple(checked))
-        return Verdict(True, checked=tuple(checked))
+                return Verdict(False, rule.name, rule.reply, rule.action, rule.phase, tuple(checked),
+                               time.perf_counter() - start)
+        return Verdict(True, checked=tuple(checked), elapsed_s=time.perf_counter() - start)
 
 
 def _parse_rule(raw: Any, index: int, text: str, source: str) -> Rule:
@@ -373,6 +383,37 @@ class SentenceGuard:
         return [verdict.reply or ""]
 
 
+def _text_of(chunk: object) -> str | None:
+    if isinstance(chunk, str):
+        return chunk
+    delta = getattr(chunk, "delta", None)  # livekit ChatChunk, without importing livekit here
+    return getattr(delta, "content", None)
+
+
+async def guard_llm_output(chunks: AsyncIterable[object], guard: SentenceGuard) -> AsyncIterator[str]:
+    """The output guard for ``Agent.llm_node``: yields only the text ``guard`` releases.
+
+    ``chunks`` is what livekit's default ``llm_node`` yields (``ChatChunk``s, ``str``s; anything without text,
+    such as a ``FlushSentinel``, is dropped). After a hit it stops reading and closes ``chunks``, which
+    closes the LLM stream.
+    """
+    source = aiter(chunks)
+    try:
+        async for chunk in source:
+            text = _text_of(chunk)
+            if text:
+                for piece in guard.feed(text):
+                    yield piece
+            if guard.is_stopped:
+                return
+        for piece in guard.flush():
+            yield piece
+    finally:
+        close = getattr(source, "aclose", None)
+        if close is not None:
+            await close()
+
+
 # --- one session's view -----------------------------------------------------------------------------------
 
 
@@ -393,6 +434,9 @@ class GuardSummary:
                 "discarded_chars": self.discarded_chars}
 
 
+_REMEMBERED_INPUTS = 16
+
+
 class SessionGuard:
     """One session's guardrail: checks both directions, tallies hits per rule, and closes the session.
 
@@ -408,12 +452,24 @@ class SessionGuard:
         self._checks: Counter[str] = Counter()
         self._hits: dict[str, Counter[str]] = {d: Counter() for d in DIRECTIONS}
         self._streams: list[SentenceGuard] = []
+        self._input_verdicts: dict[str, Verdict] = {}
         self._summary: GuardSummary | None = None
 
-    def check_input(self, text: str) -> Verdict:
-        """Check a final user transcript; tallied."""
+    def check_input(self, text: str, *, key: str | None = None) -> Verdict:
+        """Check a final user transcript; tallied.
+
+        With ``key`` (the user message's id) a message is checked and counted once, however many hooks ask:
+        voice turns reach ``Agent.on_user_turn_completed`` and then ``llm_node``, while text input
+        (``session.run``, room chat) reaches only ``llm_node``.
+        """
+        if key is not None and key in self._input_verdicts:
+            return self._input_verdicts[key]
         verdict = self.guardrail.check_input(text)
         self._tally("input", verdict)
+        if key is not None:
+            self._input_verdicts[key] = verdict
+            while len(self._input_verdicts) > _REMEMBERED_INPUTS:
+                del self._input_verdicts[next(iter(self._input_verdicts))]
         return verdict
 
     def check_output(self, text: str) -> Verdict:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import structlog
-from livekit.agents import APIConnectionError, APIStatusError, APITimeoutError, llm, utils
+from livekit.agents import APIConnectionError, APIError, APIStatusError, APITimeoutError, llm, utils
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
 from livekit.plugins import openai as lk_openai
 
@@ -40,6 +40,14 @@ ENDPOINT_MAX_RETRY = 1
 ENDPOINT_RETRY_INTERVAL_S = 0.5
 
 _WORD = re.compile(r"\S+\s*")
+
+
+def latest_user_message(chat_ctx: llm.ChatContext) -> llm.ChatMessage | None:
+    """The newest user message if the agent has not spoken since, else None."""
+    for item in reversed(chat_ctx.items):
+        if isinstance(item, llm.ChatMessage) and item.role in ("user", "assistant"):
+            return item if item.role == "user" else None
+    return None
 
 
 def latest_user_answer(chat_ctx: llm.ChatContext) -> str | None:
@@ -289,9 +297,12 @@ class _FallbackStream(_WrapperStream):
                         return
                     has_content = has_content or chunk.has_response()
                     self._event_ch.send_nowait(chunk)
-        except Exception as err:  # every failure ends in the fallback line; CancelledError passes through
+        # livekit's openai plugin turns every transport or parsing failure into an APIError; TimeoutError is
+        # our own bound. Anything else is a bug in knotd and should surface, not be spoken over.
+        except (APIError, TimeoutError, OSError) as err:
             reason = failure_reason(err)
-            log.warning("llm_failed", reason=reason, error=_root_type(err), status=_status_code(err),
+            log.warning("llm_failed", reason=reason, error=type(err).__name__, cause=_root_type(err),
+                        status=_status_code(err),
                         after_text=has_content, timeout_s=wrapper.timeout_s, model=wrapper.model)
             wrapper.report_failure(reason)
             line = f"… {wrapper.fallback_line}" if has_content else wrapper.fallback_line
@@ -326,7 +337,9 @@ def _status_code(err: BaseException) -> int | None:
 
 
 def _root_type(err: BaseException) -> str:
-    return type(_chain(err)[-1]).__name__
+    """The innermost exception type, for the log (CancelledError is how wait_for times out: not a cause)."""
+    causes = [e for e in _chain(err) if not isinstance(e, asyncio.CancelledError)]
+    return type(causes[-1]).__name__
 
 
 def record_llm_failure(reason: str) -> None:

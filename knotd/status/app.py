@@ -1,15 +1,15 @@
 """The status server: the one HTTP face of knotd (default 127.0.0.1:9464).
 
-Routes: ``/`` (page), ``/api/status`` (JSON), ``/metrics`` (Prometheus), ``/healthz`` (event loop
-responsive), ``/readyz`` (ready for sessions, with a JSON reason when not). Handlers only read the
-``DaemonState``; nothing here changes the daemon.
+Routes: ``/`` (page), ``/events`` (the page's live updates, Server-Sent Events), ``/static/`` (its CSS,
+script and icon), ``/api/status`` (JSON), ``/metrics`` (Prometheus), ``/healthz`` (event loop responsive),
+``/readyz`` (ready for sessions, with a JSON reason when not). Handlers only read the ``DaemonState``;
+nothing here changes the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -20,16 +20,18 @@ from knotd import metrics
 from knotd.config import ListenAddress
 from knotd.errors import KnotdError
 from knotd.state import DaemonState
+from knotd.status import page
+from knotd.status.events import EventStreams, encode_event, stream_events
+from knotd.status.latency import LatencyHistograms
+from knotd.status.view import build_page, status_document
 
 log = structlog.get_logger(__name__)
 
 STATE_KEY = web.AppKey("knotd.state", DaemonState)
 LOOP_MONITOR_KEY = web.AppKey("knotd.loop_monitor", "LoopMonitor")
 TEMPLATES_KEY = web.AppKey("knotd.templates", jinja2.Environment)
-
-# knotd/templates is a symlink to the top-level templates/ directory, so the wheel (and the .deb's venv)
-# carries the same files the source tree has.
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+HISTOGRAMS_KEY = web.AppKey("knotd.histograms", LatencyHistograms)
+STREAMS_KEY = web.AppKey("knotd.event_streams", EventStreams)
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -83,17 +85,24 @@ class LoopMonitor:
         return stale < self.unhealthy_lag_s and self.max_recent_lag_s < self.unhealthy_lag_s
 
 
-def create_app(state: DaemonState, loop_monitor: LoopMonitor | None = None) -> web.Application:
-    """The aiohttp application serving the status routes for ``state``."""
+def create_app(
+    state: DaemonState, loop_monitor: LoopMonitor | None = None, *, histograms: LatencyHistograms | None = None,
+) -> web.Application:
+    """The aiohttp application serving the status routes for ``state``.
+
+    ``/events`` waits on ``state.wait_changed``, so ``state.bind_loop()`` must have been called on the
+    loop that serves the app. ``histograms`` defaults to knotd's own stage and turn histograms.
+    """
     app = web.Application(middlewares=[_security_headers])
     app[STATE_KEY] = state
     app[LOOP_MONITOR_KEY] = loop_monitor or LoopMonitor()
-    app[TEMPLATES_KEY] = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-    )
+    app[TEMPLATES_KEY] = page.create_environment()
+    app[HISTOGRAMS_KEY] = histograms or LatencyHistograms()
+    app[STREAMS_KEY] = streams = EventStreams()
+    app.on_shutdown.append(streams.close)
     app.router.add_get("/", index)
+    app.router.add_get("/events", events)
+    app.router.add_static("/static/", page.STATIC_DIR)
     app.router.add_get("/api/status", api_status)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
@@ -110,14 +119,27 @@ async def _security_headers(request: web.Request, handler: Any) -> web.StreamRes
 
 
 async def index(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY]
-    template = request.app[TEMPLATES_KEY].get_template("index.html")
-    html = template.render(s=state.snapshot())
-    return web.Response(text=html, content_type="text/html")
+    app = request.app
+    model = build_page(app[STATE_KEY].snapshot(), app[HISTOGRAMS_KEY])
+    return web.Response(text=page.render_index(app[TEMPLATES_KEY], model), content_type="text/html")
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    app = request.app
+
+    def render() -> bytes:
+        snapshot = app[STATE_KEY].snapshot()
+        model = build_page(snapshot, app[HISTOGRAMS_KEY])
+        return encode_event("status", status_document(snapshot, app[HISTOGRAMS_KEY])) + encode_event(
+            "page", page.live_update(app[TEMPLATES_KEY], model)
+        )
+
+    return await stream_events(request, app[STREAMS_KEY], app[STATE_KEY], render)
 
 
 async def api_status(request: web.Request) -> web.Response:
-    return web.json_response(request.app[STATE_KEY].snapshot())
+    app = request.app
+    return web.json_response(status_document(app[STATE_KEY].snapshot(), app[HISTOGRAMS_KEY]))
 
 
 async def metrics_handler(request: web.Request) -> web.Response:

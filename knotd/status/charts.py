@@ -16,12 +16,15 @@ E2E_GOAL_S = 0.8  # the voice-to-voice target: end of user speech to first agent
 
 @dataclass(frozen=True)
 class Scale:
-    """Maps seconds to 0–100 (% of a bar's width), linearly or by decades; ``ticks`` label the axis."""
+    """Maps seconds to 0–100 (% of a bar's width), linearly or by decades; ``ticks`` label the axis.
+
+    Ticks are evenly spaced on the scale, so an axis can be drawn as equal-width cells.
+    """
 
     low_s: float
     high_s: float
     is_log: bool
-    ticks: tuple[float, ...]
+    ticks: tuple[tuple[float, str], ...]  # (seconds, label)
 
     def percent(self, seconds: float) -> float:
         if self.is_log:
@@ -38,9 +41,14 @@ class Scale:
 
 # Pipeline and lifecycle stages run from well under a millisecond (a guardrail) to tens of seconds (loading
 # a model): only decades show both on one chart.
-STAGE_SCALE = Scale(0.001, 100.0, is_log=True, ticks=(0.001, 0.01, 0.1, 1.0, 10.0, 100.0))
+STAGE_SCALE = Scale(
+    0.001, 100.0, is_log=True,
+    ticks=((0.001, "1 ms"), (0.01, "10 ms"), (0.1, "100 ms"), (1.0, "1 s"), (10.0, "10 s"), (100.0, "100 s")),
+)
 # Turn components live around the 0.8 s goal, which sits in the middle of this scale.
-TURN_SCALE = Scale(0.0, 1.6, is_log=False, ticks=(0.0, 0.4, 0.8, 1.2, 1.6))
+TURN_SCALE = Scale(
+    0.0, 1.6, is_log=False, ticks=((0.0, "0"), (0.4, "0.4"), (0.8, "0.8"), (1.2, "1.2"), (1.6, "1.6 s")),
+)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
 """p50/p95 per stage and per turn component, read from knotd's Prometheus histograms.
 
 The estimate is Prometheus' own ``histogram_quantile()`` (linear interpolation inside the bucket), so the
-page shows the numbers a Grafana panel over the same series shows. It reads the histogram objects through
-their public ``collect()``; it never observes anything and never imports ``prometheus_client``.
+page shows the numbers a Grafana panel over the same series shows. One exception: a series with a single
+observation (a lifecycle stage such as ``model_load``) reports that observation exactly (it is the
+histogram's ``_sum``), where interpolation would only blur it across its bucket.
+
+It reads the histogram objects through their public ``collect()``; it never observes anything and never
+imports ``prometheus_client``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Buckets:
     """Cumulative bucket counts of one series (or of several series added up), by upper bound."""
 
     counts: dict[float, float] = field(default_factory=dict)
+    sum: float = 0.0
 
     def add(self, upper: float, cumulative: float) -> None:
         self.counts[upper] = self.counts.get(upper, 0.0) + cumulative
@@ -37,9 +42,10 @@ class Buckets:
 
 @dataclass(frozen=True)
 class LatencySummary:
-    """How many observations a series has and its estimated median and 95th percentile (seconds)."""
+    """How many observations a series has, their mean, and the estimated median and 95th percentile (seconds)."""
 
     count: int
+    mean_s: float | None
     p50_s: float | None
     p95_s: float | None
 
@@ -81,15 +87,23 @@ def read_buckets(histogram: Collectable, by: str) -> dict[str, Buckets]:
     grouped: dict[str, Buckets] = {}
     for family in histogram.collect():
         for sample in family.samples:
-            if not sample.name.endswith("_bucket"):
-                continue
             key = sample.labels.get(by, "")
-            grouped.setdefault(key, Buckets()).add(float(sample.labels["le"]), sample.value)
+            if sample.name.endswith("_bucket"):
+                grouped.setdefault(key, Buckets()).add(float(sample.labels["le"]), sample.value)
+            elif sample.name.endswith("_sum"):
+                grouped.setdefault(key, Buckets()).sum += sample.value
     return grouped
 
 
 def summarise(buckets: Buckets) -> LatencySummary:
-    return LatencySummary(buckets.total, histogram_quantile(0.5, buckets), histogram_quantile(0.95, buckets))
+    """Count, mean, p50 and p95 of ``buckets``; a single observation is reported exactly."""
+    count = buckets.total
+    if count == 0:
+        return LatencySummary(0, None, None, None)
+    mean = buckets.sum / count
+    if count == 1:
+        return LatencySummary(1, mean, mean, mean)
+    return LatencySummary(count, mean, histogram_quantile(0.5, buckets), histogram_quantile(0.95, buckets))
 
 
 def error_counts(histogram: Collectable) -> dict[str, int]:

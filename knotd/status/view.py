@@ -105,12 +105,16 @@ class FinishedSession:
 
 @dataclass(frozen=True)
 class LatencyRow:
-    """One stage or turn component: how often it ran, p50/p95 from the histogram, and its bar."""
+    """One stage or turn component: how often it ran, mean and p50/p95 from the histogram, and its bar.
+
+    ``last_s`` is the latest turn's value (turn components only).
+    """
 
     name: str
     label: str
     count: int
     errors: int
+    mean_s: float | None
     p50_s: float | None
     p95_s: float | None
     last_s: float | None
@@ -184,7 +188,7 @@ def build_page(snapshot: Mapping[str, Any], histograms: LatencyHistograms, now: 
             TurnRow(t["at"], rooms.get(t["session_id"], _short(t["session_id"])), dict(t["components"]))
             for t in turns[::-1][:RECENT_TURNS_SHOWN]
         ),
-        stages=_stage_rows(histograms, snapshot.get("stages", [])),
+        stages=_stage_rows(histograms),
         guardrails=_guardrail_rows(snapshot.get("guardrail_hits", {})),
         failures=tuple(
             FailureRow(f["at"], f["handler"], f["exception"], rooms.get(f["session_id"], _short(f["session_id"])))
@@ -197,7 +201,10 @@ def status_document(snapshot: Mapping[str, Any], histograms: LatencyHistograms) 
     """``/api/status``: the snapshot plus p50/p95 per turn component and stage, read from the histograms."""
 
     def summary(name_key: str, name: str, s: LatencySummary) -> dict[str, Any]:
-        return {name_key: name, "count": s.count, "p50_s": _round(s.p50_s), "p95_s": _round(s.p95_s)}
+        return {
+            name_key: name, "count": s.count,
+            "mean_s": _round(s.mean_s), "p50_s": _round(s.p50_s), "p95_s": _round(s.p95_s),
+        }
 
     return {
         **snapshot,
@@ -302,6 +309,7 @@ def _turn_rows(summaries: Mapping[str, LatencySummary], turns: Sequence[Mapping[
             label=TURN_COMPONENT_LABELS.get(name, name),
             count=s.count,
             errors=0,
+            mean_s=s.mean_s,
             p50_s=s.p50_s,
             p95_s=s.p95_s,
             last_s=last.get(name),
@@ -311,8 +319,7 @@ def _turn_rows(summaries: Mapping[str, LatencySummary], turns: Sequence[Mapping[
     )
 
 
-def _stage_rows(histograms: LatencyHistograms, records: Sequence[Mapping[str, Any]]) -> tuple[LatencyRow, ...]:
-    last = {r["name"]: r["latency_ms"] / 1000 for r in records}  # records are oldest first: the newest wins
+def _stage_rows(histograms: LatencyHistograms) -> tuple[LatencyRow, ...]:
     errors = error_counts(histograms.stages)
     return tuple(
         LatencyRow(
@@ -320,9 +327,10 @@ def _stage_rows(histograms: LatencyHistograms, records: Sequence[Mapping[str, An
             label=name,
             count=s.count,
             errors=errors.get(name, 0),
+            mean_s=s.mean_s,
             p50_s=s.p50_s,
             p95_s=s.p95_s,
-            last_s=last.get(name),
+            last_s=None,
             bar=charts.range_bar(charts.STAGE_SCALE, s.p50_s, s.p95_s),
         )
         for name, s in stage_summaries(histograms).items()

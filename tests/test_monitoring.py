@@ -1,0 +1,424 @@
+"""The shipped Grafana dashboard and Prometheus alert rules, checked by promtool and by a real Prometheus.
+
+promtool lints the rules and runs their unit tests (packaging/prometheus/knotd-alerts.test.yml); the
+dashboard is checked for what Grafana needs to import it. The real check runs `knotd run` against the LiveKit
+stand-in and Debian's `prometheus` server on loopback (scrape and rule evaluation every second), then runs
+every PromQL expression of the dashboard and of the rules through Prometheus' HTTP API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from knotd import __version__
+from tests.conftest import ROOT, free_port
+
+DASHBOARD = ROOT / "packaging" / "grafana" / "knotd.json"
+ALERTS = ROOT / "packaging" / "prometheus" / "knotd-alerts.yml"
+ALERT_TESTS = ROOT / "packaging" / "prometheus" / "knotd-alerts.test.yml"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool")
+DATASOURCE_REF = {"type": "prometheus", "uid": "${datasource}"}
+
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool (Debian package prometheus) missing")
+needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="prometheus (Debian package prometheus) missing")
+
+# How a one-instance setup resolves the dashboard's variables and Grafana's built-in ones.
+GRAFANA_VARIABLES = {
+    "__rate_interval": "1m",
+    "__interval": "15s",
+    "__range": "1h",
+    "job": "knotd",
+    "instance": ".*",
+    "stage": ".*",
+}
+
+# Dashboard queries that may return no series from a freshly started daemon that has run no call
+# (the LiveKit stand-in has no rooms or media, so no session can start talking).
+MAY_BE_EMPTY = {
+    "Finished sessions by outcome": "knotd_sessions_total{outcome} gets its first series when a session ends",
+    "Stage errors": "no stage fails on a healthy start",
+    "Bridged-task failures by handler": "handler series appear with the first event of the first session",
+    "Bridged tasks in flight": "handler series appear with the first event of the first session",
+    "annotation knotd restarts": "marks restarts; the daemon did not restart",
+}
+# Metrics the dashboard or the rules use that a freshly started daemon does not export yet.
+MAY_BE_ABSENT = {
+    "knotd_sessions_total": MAY_BE_EMPTY["Finished sessions by outcome"],
+    "knotd_handler_tasks_total": MAY_BE_EMPTY["Bridged-task failures by handler"],
+    "knotd_handler_tasks_inflight": MAY_BE_EMPTY["Bridged tasks in flight"],
+}
+# Series Prometheus makes itself for every target.
+SCRAPE_SERIES = {"up"}
+
+
+@dataclass(frozen=True)
+class Query:
+    where: str  # panel title, "annotation <name>", "variable <name>" or "alert <name>"
+    expr: str  # PromQL, Grafana variables already substituted
+
+
+# --- reading the shipped files --------------------------------------------------------------------------------
+
+
+def load_dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def load_alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def dashboard_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel that is not a row, including those inside collapsed rows."""
+    out = []
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            out.extend(panel.get("panels", []))
+        else:
+            out.append(panel)
+    return out
+
+
+def expand_grafana_variables(expr: str) -> str:
+    """Substitute ``$name`` / ``${name}`` as Grafana would; an unknown variable is an error."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in GRAFANA_VARIABLES:
+            raise KeyError(f"unknown dashboard variable ${name} in {expr!r}")
+        return GRAFANA_VARIABLES[name]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", substitute, expr)
+
+
+def label_values_as_promql(definition: str) -> str:
+    """Grafana's ``label_values(selector, label)`` as the PromQL query that yields the same values."""
+    match = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", definition.strip())
+    assert match, f"unsupported variable query {definition!r}"
+    return f"group by ({match.group(2)}) ({match.group(1)})"
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> list[Query]:
+    """Every PromQL expression of the dashboard: panel targets, annotations and variable queries."""
+    queries = []
+    for panel in dashboard_panels(dashboard):
+        for target in panel["targets"]:
+            queries.append(Query(f"{panel['title']}", expand_grafana_variables(target["expr"])))
+    for annotation in dashboard["annotations"]["list"]:
+        if "expr" in annotation:
+            queries.append(Query(f"annotation {annotation['name']}", expand_grafana_variables(annotation["expr"])))
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            promql = label_values_as_promql(variable["definition"])
+            queries.append(Query(f"variable {variable['name']}", expand_grafana_variables(promql)))
+    return queries
+
+
+def alert_queries() -> list[Query]:
+    return [Query(f"alert {rule['alert']}", rule["expr"]) for rule in load_alert_rules()]
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression: names before a ``{`` and names with the exporters' prefixes."""
+    with_matchers = re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{", expr)
+    prefixed = re.findall(r"\b((?:knotd|process|lk_agents|python)_[a-zA-Z0-9_:]+)", expr)
+    return set(with_matchers) | set(prefixed)
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading."""
+    slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return slug.replace(" ", "-")
+
+
+# --- Prometheus on loopback -------------------------------------------------------------------------------------
+
+
+class PrometheusServer:
+    """Debian's prometheus server on a loopback port, scraping one target and evaluating the alert rules."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, url: str, log_path: Path) -> None:
+        self.proc, self.url, self.log_path = proc, url, log_path
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls, workdir: Path, target: str, interval_s: int = 1):
+        """Start prometheus scraping ``target`` (host:port) as job "knotd"; kill it on exit."""
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "global": {"scrape_interval": f"{interval_s}s", "evaluation_interval": f"{interval_s}s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [{
+                "job_name": "knotd",
+                "scrape_timeout": f"{interval_s}s",
+                "static_configs": [{"targets": [target]}],
+            }],
+        }
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        log_path = workdir / "prometheus.log"
+        with open(log_path, "wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn", stdout=log_file, stderr=asyncio.subprocess.STDOUT, cwd=str(workdir),
+            )
+        server = cls(proc, f"http://127.0.0.1:{port}", log_path)
+        try:
+            await server.wait_until(server.is_ready, "prometheus ready", timeout=30)
+            yield server
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+    async def get(self, path: str, **params: str) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(self.url + path, params=params, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                return await resp.json(content_type=None)
+
+    async def query(self, expr: str) -> dict[str, Any]:
+        """The /api/v1/query answer for ``expr`` at the current time (``status`` is success or error)."""
+        return await self.get("/api/v1/query", query=expr)
+
+    async def series(self, expr: str) -> list[dict[str, Any]]:
+        answer = await self.query(expr)
+        assert answer["status"] == "success", f"{expr}: {answer}"
+        return answer["data"]["result"]
+
+    async def is_ready(self) -> bool:
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError):
+            async with aiohttp.ClientSession() as http:
+                async with http.get(self.url + "/-/ready", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    return resp.status == 200
+        return False
+
+    async def has_scraped(self, times: int) -> bool:
+        """True once the knotd target is up and ``times`` samples of ``up`` are stored."""
+        result = await self.series('count_over_time(up{job="knotd"}[5m]) and on () up{job="knotd"} == 1')
+        return bool(result) and float(result[0]["value"][1]) >= times
+
+    async def rules(self) -> list[dict[str, Any]]:
+        data = (await self.get("/api/v1/rules"))["data"]
+        return [rule for group in data["groups"] for rule in group["rules"]]
+
+    async def rules_evaluated(self) -> bool:
+        return all(rule["health"] != "unknown" for rule in await self.rules())
+
+    async def active_alerts(self) -> dict[str, str]:
+        """Alert name → state (pending or firing) of every active alert."""
+        alerts = (await self.get("/api/v1/alerts"))["data"]["alerts"]
+        return {a["labels"]["alertname"]: a["state"] for a in alerts}
+
+    async def wait_until(self, predicate: Any, what: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                break
+            if await predicate():
+                return
+            await asyncio.sleep(0.25)
+        log = self.log_path.read_text(errors="replace")[-3000:]
+        raise AssertionError(f"{what}: not reached in {timeout}s (prometheus exit code {self.proc.returncode}); "
+                             f"prometheus log tail:\n{log}")
+
+
+def status_target(daemon: Any) -> str:
+    return daemon.status_url.removeprefix("http://")
+
+
+async def start_ready_daemon(standin: Any, start_daemon: Any, notify_socket: Any, **sections: str) -> Any:
+    daemon = await start_daemon(standin.url, **sections)
+    await notify_socket.wait_for("READY", timeout=90)
+    return daemon
+
+
+class _BlackHoleRoom:
+    """A TCP listener that accepts and never answers: a room server that hangs, so a session stays open."""
+
+    async def __aenter__(self) -> str:
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()
+
+        self.server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        return f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+
+# --- static checks ----------------------------------------------------------------------------------------------
+
+
+@needs_promtool
+def test_alert_rules_pass_promtool_check():
+    proc = subprocess.run([PROMTOOL, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SUCCESS: {len(load_alert_rules())} rules found" in proc.stdout
+
+
+@needs_promtool
+def test_alert_rules_pass_their_unit_tests():
+    proc = subprocess.run([PROMTOOL, "test", "rules", str(ALERT_TESTS)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_every_alert_has_firing_and_quiet_unit_tests():
+    """Each alert has a promtool case where it fires and one where it must not."""
+    cases = [case for test in yaml.safe_load(ALERT_TESTS.read_text())["tests"] for case in test["alert_rule_test"]]
+    for rule in load_alert_rules():
+        mine = [case for case in cases if case["alertname"] == rule["alert"]]
+        assert any(case["exp_alerts"] for case in mine), f"{rule['alert']}: no firing case"
+        assert any(not case["exp_alerts"] for case in mine), f"{rule['alert']}: no quiet case"
+
+
+def test_every_alert_links_its_runbook_section():
+    anchors = {github_anchor(line.lstrip("#")) for line in RUNBOOK.read_text().splitlines() if line.startswith("## ")}
+    for rule in load_alert_rules():
+        annotations = rule["annotations"]
+        assert annotations["summary"] and annotations["description"], rule["alert"]
+        assert rule["labels"]["severity"] in ("critical", "warning"), rule["alert"]
+        page, _, anchor = annotations["runbook"].partition("#")
+        assert page == "docs/runbook.md", rule["alert"]
+        assert anchor == rule["alert"].lower() and anchor in anchors, f"{rule['alert']}: no section #{anchor}"
+
+
+def test_dashboard_is_importable_into_grafana():
+    """Valid JSON with a Prometheus data-source variable that every panel and query uses."""
+    dashboard = load_dashboard()
+    assert dashboard["schemaVersion"] >= 36 and dashboard["id"] is None and dashboard["uid"]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert {"job", "instance"} <= set(variables)
+    panels = dashboard_panels(dashboard)
+    ids = [p["id"] for p in dashboard["panels"]] + [p["id"] for p in panels if p not in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for panel in panels:
+        assert panel["datasource"] == DATASOURCE_REF, panel["title"]
+        assert panel["targets"], f"{panel['title']}: no queries"
+        assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"]), panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == DATASOURCE_REF and target["expr"].strip(), panel["title"]
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+    for variable in variables.values():
+        if variable["type"] == "query":
+            assert variable["datasource"] == DATASOURCE_REF, variable["name"]
+    for query in dashboard_queries(dashboard):  # raises on a variable the dashboard does not define
+        assert metric_names(query.expr), f"{query.where}: no metric selector in {query.expr!r}"
+
+
+def test_dashboard_shows_the_e2e_goal_line():
+    """The e2e latency panel draws the 0.8 s goal as a threshold line."""
+    panel = next(p for p in dashboard_panels(load_dashboard()) if p["title"].startswith("End-to-end latency vs"))
+    defaults = panel["fieldConfig"]["defaults"]
+    assert defaults["unit"] == "s"
+    assert 0.8 in [step["value"] for step in defaults["thresholds"]["steps"]]
+    assert defaults["custom"]["thresholdsStyle"]["mode"] in ("line", "dashed", "line+area", "dashed+area")
+
+
+def test_may_be_empty_lists_only_existing_queries():
+    wheres = {q.where for q in dashboard_queries(load_dashboard())}
+    assert set(MAY_BE_EMPTY) <= wheres
+
+
+# --- against a running daemon -----------------------------------------------------------------------------------
+
+
+@pytest.mark.models
+async def test_dashboard_and_alerts_use_only_metrics_knotd_exports(standin, start_daemon, notify_socket):
+    daemon = await start_ready_daemon(standin, start_daemon, notify_socket)
+    _, text = await daemon.get("/metrics")
+    exported = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    for query in dashboard_queries(load_dashboard()) + alert_queries():
+        unknown = metric_names(query.expr) - exported - SCRAPE_SERIES - set(MAY_BE_ABSENT)
+        assert not unknown, f"{query.where} uses metrics knotd does not export: {sorted(unknown)}"
+
+
+@pytest.mark.models
+@needs_prometheus
+async def test_prometheus_evaluates_every_dashboard_and_alert_expression(
+    standin, start_daemon, notify_socket, tmp_path
+):
+    """1. knotd runs and is registered. 2. Prometheus scrapes it and evaluates the rules every second.
+
+    Result: every dashboard query and alert expression is valid PromQL, every dashboard query not listed
+    in MAY_BE_EMPTY returns series, the rules are loaded and healthy, and no alert is active.
+    """
+    daemon = await start_ready_daemon(standin, start_daemon, notify_socket)
+    async with PrometheusServer.running(tmp_path / "prometheus", status_target(daemon)) as prom:
+        await prom.wait_until(lambda: prom.has_scraped(3), "3 scrapes of knotd")
+        await prom.wait_until(prom.rules_evaluated, "every rule evaluated once")
+
+        problems = []
+        for query in dashboard_queries(load_dashboard()) + alert_queries():
+            answer = await prom.query(query.expr)
+            if answer["status"] != "success":
+                problems.append(f"{query.where}: {answer.get('error')} in {query.expr}")
+            elif (not answer["data"]["result"] and not query.where.startswith("alert ")
+                  and query.where not in MAY_BE_EMPTY):
+                problems.append(f"{query.where}: no series for {query.expr}")
+        assert problems == [], "\n".join(problems)
+
+        rules = await prom.rules()
+        assert {r["name"] for r in rules} == {r["alert"] for r in load_alert_rules()}
+        assert [(r["name"], r["lastError"]) for r in rules if r["health"] != "ok"] == []
+        assert await prom.active_alerts() == {}
+
+        # What the top row of the dashboard shows for this daemon.
+        assert (await prom.series('knotd_ready{job="knotd"}'))[0]["value"][1] == "1"
+        assert (await prom.series('knotd_worker_registered{job="knotd"}'))[0]["value"][1] == "1"
+        assert (await prom.series('knotd_build_info{job="knotd"}'))[0]["metric"]["version"] == __version__
+
+
+@pytest.mark.models
+@needs_prometheus
+async def test_alerts_follow_a_real_outage(standin, start_daemon, notify_socket, tmp_path):
+    """1. A call fills the worker's only slot. 2. LiveKit refuses the worker. 3. The process dies.
+
+    Result: Prometheus, evaluating the shipped rules against the daemon's real series, puts
+    KnotdAtCapacity, then KnotdWorkerNotRegistered and KnotdNotReady, then KnotdTargetDown into pending.
+    """
+    daemon = await start_ready_daemon(standin, start_daemon, notify_socket,
+                                      worker="drain_timeout_s = 10\nmax_retry = 16\nmax_sessions = 1")
+    async with PrometheusServer.running(tmp_path / "prometheus", status_target(daemon)) as prom, \
+            _BlackHoleRoom() as room_url:
+        await prom.wait_until(lambda: prom.has_scraped(2), "2 scrapes of knotd")
+        await prom.wait_until(prom.rules_evaluated, "every rule evaluated once")
+        assert await prom.active_alerts() == {}
+
+        job = await standin.dispatch_job("metrics-room", url=room_url)
+        assert job.accepted
+
+        async def pending(*names: str) -> bool:
+            active = await prom.active_alerts()
+            return all(active.get(name) == "pending" for name in names)
+
+        await prom.wait_until(lambda: pending("KnotdAtCapacity"), "KnotdAtCapacity pending")
+
+        standin.refuse_next(1000)
+        await standin.drop_all()
+        await prom.wait_until(lambda: pending("KnotdWorkerNotRegistered", "KnotdNotReady"),
+                              "KnotdWorkerNotRegistered and KnotdNotReady pending")
+
+        daemon.proc.kill()
+        await daemon.proc.wait()
+        await prom.wait_until(lambda: pending("KnotdTargetDown"), "KnotdTargetDown pending")
