@@ -88,6 +88,16 @@ def test_prepare_rejects_a_model_with_the_wrong_hash(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_prepare_never_replaces_a_directory_that_is_not_a_model(tmp_path):
+    """A mistyped destination such as the state directory is left alone, with an error."""
+    (tmp_path / "sessions.jsonl").write_text("{}\n")
+
+    with pytest.raises(ModelError, match="not a whisper model directory"):
+        prepare_whisper_base(tmp_path)
+
+    assert (tmp_path / "sessions.jsonl").read_text() == "{}\n"
+
+
 def test_prepare_without_the_packages_says_which_extra_to_install(tmp_path, monkeypatch):
     """Without the [models] packages the error names the extra to install."""
     real_find_spec = models.importlib.util.find_spec

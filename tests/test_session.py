@@ -20,7 +20,7 @@ from knotd.agent import register_plugins
 from knotd.agent.demo import converse
 from knotd.agent.local_io import read_wav
 from knotd.agent.models import load_models
-from knotd.agent.session import AgentResources
+from knotd.agent.session import AgentResources, KnotencheckSession
 from knotd.agent.summary import read_records
 from knotd.config import Settings, SttSettings
 from knotd.state import DaemonState
@@ -148,3 +148,87 @@ async def test_unsafe_llm_output_never_reaches_the_speaker_or_the_transcript(res
     assert "Ibuprofen" not in everything_said and "harmlos" not in everything_said
     assert spoken, "the agent still said something: the guardrail's reply"
     assert sum(result.record["guardrail"]["hits"].get("output", {}).values()) == 1
+
+
+class FakeParticipant:
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+
+
+class FakeLocalParticipant:
+    """Records what the session publishes; can be told to fail, like a room losing its connection."""
+
+    def __init__(self) -> None:
+        self.attributes: dict[str, str] = {}
+        self.published: list[tuple[dict, str, list[str]]] = []
+        self.failures_left = 0
+
+    async def set_attributes(self, attributes: dict[str, str]) -> None:
+        self.attributes.update(attributes)
+
+    async def publish_data(self, payload: bytes, *, reliable: bool, topic: str, destination_identities: list[str]):
+        if self.failures_left:
+            self.failures_left -= 1
+            raise ConnectionError("publish failed")
+        self.published.append((json.loads(payload), topic, list(destination_identities)))
+
+
+class FakeRoom(rtc.EventEmitter):
+    """Stands in for rtc.Room's participant events (no LiveKit server can run here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local_participant = FakeLocalParticipant()
+
+    def isconnected(self) -> bool:
+        return True
+
+
+async def wait_until(predicate, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_phase_is_published_and_rebroadcast_when_a_participant_reconnects(resources):
+    state = DaemonState()
+    state.bind_loop(asyncio.get_running_loop())
+    conversation = KnotencheckSession(resources(), state, "s-phase", "room-1")
+    room = FakeRoom()
+    conversation.attach_room(room)
+    published = room.local_participant.published
+
+    conversation.machine.respond(None)  # the opening: greeting, then straight on to consent
+    await wait_until(lambda: len(published) >= 1)
+    assert [(m["phase"], m["previous"], topic, to) for m, topic, to in published] == [
+        ("consent", "greeting", "knotd.phase", [])]  # to everyone in the room
+    assert room.local_participant.attributes == {"knotd.phase": "consent"}
+
+    room.emit("participant_connected", FakeParticipant("caller"))  # the caller's app reconnects
+    await wait_until(lambda: len(published) >= 2)
+    message, topic, to = published[1]
+    assert (message["phase"], topic, to) == ("consent", "knotd.phase", ["caller"])
+    assert message["reached"] == ["greeting", "consent"]
+    record = await conversation.aclose("disconnected")
+    assert record["phases_reached"] == ["greeting", "consent"]
+
+
+async def test_a_failing_bridged_handler_is_counted_and_the_session_goes_on(resources):
+    state = DaemonState()
+    state.bind_loop(asyncio.get_running_loop())
+    conversation = KnotencheckSession(resources(), state, "s-fail", "room-2")
+    room = FakeRoom()
+    conversation.attach_room(room)
+    failed = {"handler": "participant_connected", "outcome": "failed"}
+    before = sample("knotd_handler_tasks_total", failed)
+
+    room.local_participant.failures_left = 1
+    room.emit("participant_connected", FakeParticipant("caller"))
+    await wait_until(lambda: sample("knotd_handler_tasks_total", failed) == before + 1)
+    assert [(f.handler, f.exception) for f in state.failures] == [("participant_connected", "ConnectionError")]
+    assert state.sessions["s-fail"].task_failures == 1
+
+    room.emit("participant_connected", FakeParticipant("caller"))  # the next event is handled normally
+    await wait_until(lambda: len(room.local_participant.published) == 1)
+    record = await conversation.aclose("disconnected")
+    assert record["task_failures"] == 1

