@@ -172,7 +172,7 @@ def have_model_packages() -> bool:
 # Silence around the demo request lets the VAD see the end of speech without a caller padding it.
 BUNDLED: dict[str, tuple[str, float, float]] = {  # file name: (text, leading s, trailing s of silence)
     "selftest_de.wav": ("Hallo, ich möchte den Knotencheck starten.", 0.1, 0.2),
-    "demo_de.wav": ("Guten Tag, ich möchte bitte den Knotencheck starten.", 0.3, 1.5),
+    "demo_de.wav": ("Guten Tag, ich möchte den Knotencheck starten.", 0.3, 1.5),
 }
 
 

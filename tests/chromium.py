@@ -13,7 +13,7 @@ import itertools
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Self
 
 import aiohttp
 
@@ -41,6 +41,10 @@ class CDPError(RuntimeError):
     pass
 
 
+def _open_log(path: Path) -> IO[bytes]:
+    return open(path, "wb")  # chromium writes its stderr here; read on failure
+
+
 class Browser:
     """One chromium process and its browser-level DevTools connection."""
 
@@ -60,7 +64,7 @@ class Browser:
             raise FileNotFoundError("chromium is not installed")
         profile_dir.mkdir(parents=True, exist_ok=True)
         log_path = profile_dir.parent / "chromium.log"
-        with open(log_path, "wb") as log:
+        with _open_log(log_path) as log:
             proc = await asyncio.create_subprocess_exec(
                 executable, *FLAGS, f"--user-data-dir={profile_dir}", "about:blank",
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
@@ -80,7 +84,7 @@ class Browser:
         ws = await http.ws_connect(f"ws://127.0.0.1:{port}{path}", max_msg_size=0)
         return cls(proc, http, ws, log_path)
 
-    async def __aenter__(self) -> Browser:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

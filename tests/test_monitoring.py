@@ -142,6 +142,11 @@ def metric_names(expr: str) -> set[str]:
     return set(with_matchers) | set(prefixed)
 
 
+def selectors(expr: str) -> set[tuple[str, str]]:
+    """The ``(metric, selector)`` pairs of a PromQL expression, e.g. ``("up", 'up{job="knotd"}')``."""
+    return {(m.group(1), m.group(0)) for m in re.finditer(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{[^}]*\}", expr)}
+
+
 def github_anchor(heading: str) -> str:
     """The anchor GitHub gives a Markdown heading."""
     slug = re.sub(r"[^\w\- ]", "", heading.strip().lower())
@@ -376,6 +381,11 @@ async def test_prometheus_evaluates_every_dashboard_and_alert_expression(
             elif (not answer["data"]["result"] and not query.where.startswith("alert ")
                   and query.where not in MAY_BE_EMPTY):
                 problems.append(f"{query.where}: no series for {query.expr}")
+        # An alert expression is empty while all is well, so check that its selectors match real series.
+        for query in alert_queries():
+            for metric, selector in sorted(selectors(query.expr)):
+                if metric not in MAY_BE_ABSENT and not await prom.series(selector):
+                    problems.append(f"{query.where}: {selector} matches no series")
         assert problems == [], "\n".join(problems)
 
         rules = await prom.rules()
@@ -405,9 +415,7 @@ async def test_alerts_follow_a_real_outage(standin, start_daemon, notify_socket,
         await prom.wait_until(prom.rules_evaluated, "every rule evaluated once")
         assert await prom.active_alerts() == {}
 
-        real_url, standin.url = standin.url, room_url
-        job = await standin.dispatch_job("metrics-room")
-        standin.url = real_url
+        job = await standin.dispatch_job("metrics-room", url=room_url)
         assert job.accepted
 
         async def pending(*names: str) -> bool:

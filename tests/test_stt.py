@@ -15,6 +15,7 @@ from knotd.agent.stt import STOCK_WINDOW_S, WhisperSTT, WhisperTranscriber
 from knotd.config import SttSettings
 from tests.audio import (
     CLIPS,
+    LONG_CLIPS,
     contains_words,
     have_model_packages,
     have_speech_tools,
@@ -93,6 +94,9 @@ def test_window_is_sized_to_the_utterance_and_the_shared_model_is_untouched(sett
 
     result = default.transcribe_pcm(load_clip(START).astype(np.float32) / 32768)
     assert result.window_s == 10 and contains_words(result.text, START.key_words)
+    long = LONG_CLIPS[0]
+    result = default.transcribe_pcm(load_clip(long).astype(np.float32) / 32768)
+    assert result.window_s == 15 and contains_words(result.text, long.key_words)
     assert model.feature_extractor.nb_max_frames == 3000
 
 

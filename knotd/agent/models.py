@@ -243,9 +243,10 @@ class SharedModels:
 def load_models(settings: Settings) -> SharedModels:
     """Load Whisper and Silero VAD, warm Whisper with one transcription and (if configured) self-test it.
 
-    Blocks for a few seconds; call it off the event loop or before the loop starts. Stages: `stt_init`
-    (Whisper load), `stt_selftest` (the warm-up transcription, checked; `stt_warmup` when the check is
-    off) and `vad_init`.
+    Blocks for a few seconds; call it off the event loop or before the loop starts. From a thread, call
+    `knotd.agent.register_plugins()` on the main thread first (livekit plugins register only there).
+    Stages: `stt_init` (Whisper load), `stt_selftest` (the warm-up transcription, checked; `stt_warmup`
+    when the check is off) and `vad_init`.
 
     Raises:
         ModelError: the model directory is incomplete, Whisper cannot load it, or the self-test fails.

@@ -30,8 +30,10 @@ MAX_STREAMS = 32
 class EventStreams:
     """Counts the open streams, caps them, and ends them all when closed."""
 
-    def __init__(self, max_streams: int = MAX_STREAMS) -> None:
-        self.max_streams = max_streams
+    def __init__(
+        self, max_streams: int = MAX_STREAMS, heartbeat_s: float = HEARTBEAT_S, coalesce_s: float = COALESCE_S,
+    ) -> None:
+        self.max_streams, self.heartbeat_s, self.coalesce_s = max_streams, heartbeat_s, coalesce_s
         self.open = 0
         self._closing = asyncio.Event()
 
@@ -75,9 +77,9 @@ async def stream_events(
             if sent != state.version:
                 sent = state.version  # read before rendering: a change during rendering is sent again
                 await response.write(render())
-                await asyncio.wait({closing}, timeout=COALESCE_S)
+                await asyncio.wait({closing}, timeout=streams.coalesce_s)
                 continue
-            change = asyncio.ensure_future(state.wait_changed(sent, HEARTBEAT_S))
+            change = asyncio.ensure_future(state.wait_changed(sent, streams.heartbeat_s))
             await asyncio.wait({change, closing}, return_when=asyncio.FIRST_COMPLETED)
             if not change.done():
                 change.cancel()
