@@ -73,8 +73,9 @@ def make_clip(text: str, path: Path, voice: str = "de", rate: int = DEFAULT_RATE
     raw = path.with_suffix(".espeak.wav")
     subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-b", "1", "--stdin", "-w", str(raw)],
                    input=text.encode("utf-8"), check=True, capture_output=True)
-    subprocess.run(["sox", str(raw), "-r", str(sample_rate), "-c", "1", "-b", "16", "-e", "signed-integer",
-                    str(path)], check=True, capture_output=True)
+    # -D: no dither, so the same text always gives the same bytes
+    subprocess.run(["sox", "-D", str(raw), "-r", str(sample_rate), "-c", "1", "-b", "16", "-e",
+                    "signed-integer", str(path)], check=True, capture_output=True)
     raw.unlink()
     return path
 
@@ -83,7 +84,7 @@ def cached_clip(text: str, *, voice: str = "de", rate: int = DEFAULT_RATE_WPM, s
                 directory: Path | None = None) -> Path:
     """Like `make_clip`, but under `directory` (default: `cache_dir()/clips`), reused across runs."""
     directory = directory or cache_dir() / "clips"
-    key = hashlib.sha256(f"{voice}|{rate}|{sample_rate}|{text}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"v2|{voice}|{rate}|{sample_rate}|{text}".encode()).hexdigest()[:16]
     path = directory / f"{key}-{sample_rate}.wav"
     if not path.exists():
         tmp = directory / f".{key}-{sample_rate}.{os.getpid()}.wav"
@@ -182,7 +183,7 @@ def make_bundled_audio(data_dir: Path) -> list[Path]:
     for name, (text, lead_s, trail_s) in BUNDLED.items():
         speech = make_clip(text, data_dir / f".{name}.speech.wav")
         out = data_dir / name
-        subprocess.run(["sox", str(speech), str(out), "pad", str(lead_s), str(trail_s)], check=True,
+        subprocess.run(["sox", "-D", str(speech), str(out), "pad", str(lead_s), str(trail_s)], check=True,
                        capture_output=True)
         speech.unlink()
         written.append(out)

@@ -153,6 +153,7 @@ class Page:
     def __init__(self, browser: Browser, session_id: str) -> None:
         self.browser, self.session_id = browser, session_id
         self.errors: list[str] = []  # console errors, uncaught exceptions, CSP violations
+        self.dialogs: list[str] = []  # alert()/confirm() that opened: an injected script ran
         self._loaded = asyncio.Event()
 
     async def send(self, method: str, **params: Any) -> dict[str, Any]:
@@ -161,6 +162,9 @@ class Page:
     def on_event(self, method: str, params: dict[str, Any]) -> None:
         if method == "Page.loadEventFired":
             self._loaded.set()
+        elif method == "Page.javascriptDialogOpening":
+            self.dialogs.append(params.get("message", ""))
+            asyncio.ensure_future(self.send("Page.handleJavaScriptDialog", accept=True))
         elif method == "Runtime.exceptionThrown":
             self.errors.append(params["exceptionDetails"].get("text", "exception"))
         elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
