@@ -155,6 +155,7 @@ class Page:
         self.errors: list[str] = []  # console errors, uncaught exceptions, CSP violations
         self.dialogs: list[str] = []  # alert()/confirm() that opened: an injected script ran
         self._loaded = asyncio.Event()
+        self._tasks: set[asyncio.Future[Any]] = set()  # keeps replies to dialogs alive until sent
 
     async def send(self, method: str, **params: Any) -> dict[str, Any]:
         return await self.browser.send(method, self.session_id, **params)
@@ -164,7 +165,7 @@ class Page:
             self._loaded.set()
         elif method == "Page.javascriptDialogOpening":
             self.dialogs.append(params.get("message", ""))
-            asyncio.ensure_future(self.send("Page.handleJavaScriptDialog", accept=True))
+            self._tasks.add(asyncio.ensure_future(self.send("Page.handleJavaScriptDialog", accept=True)))
         elif method == "Runtime.exceptionThrown":
             self.errors.append(params["exceptionDetails"].get("text", "exception"))
         elif method == "Log.entryAdded" and params["entry"]["level"] == "error":

@@ -63,7 +63,7 @@ def build_demo(now: float | None = None) -> tuple[DaemonState, LatencyHistograms
 
     state.session_started("s-a41f", "werkstatt-7")
     state.session_started("s-b93c", "<script>alert('knot')</script>")  # room names are user input
-    state.session_update("s-a41f", phase="guided_check")
+    state.session_update("s-a41f", phase="step_size")
     state.session_update("s-b93c", phase="consent")
     state.sessions["s-a41f"].started_at = now - 4 * 60 - 12
     state.sessions["s-b93c"].started_at = now - 38
@@ -90,23 +90,27 @@ def build_demo(now: float | None = None) -> tuple[DaemonState, LatencyHistograms
     state.guardrail_hit("s-9d02", "input", "prompt_injection")
     for _ in range(4):
         state.guardrail_hit("s-0c11", "input", "off_topic")
-    state.guardrail_hit("s-0c11", "output", "unsafe_advice")
+    state.guardrail_hit("s-0c11", "output", "no_diagnosis")
 
     state.task_failed(TaskFailure("s-9d02", "on_participant_connected", "ConnectionResetError", now - 22 * 60))
     state.task_failed(TaskFailure("s-a41f", "publish_phase", "TimeoutError", now - 95))
 
+    # (session, room, outcome, ended ago, duration, turns, phases reached, {direction: {rule: hits}}, failures, e2e p50)
     finished = [
-        ("s-0c11", "werkstatt-3", "completed", 41 * 60, 6 * 60 + 40, 14, ["greeting", "consent", "guided_check",
-                                                                         "summary", "goodbye"], 5, 0),
-        ("s-9d02", "werkstatt-7", "disconnected", 19 * 60, 2 * 60 + 5, 8, ["greeting", "consent", "guided_check"], 2, 1),
-        ("s-77e4", "schulung-1", "drained", 2 * 3600 + 50 * 60, 9 * 60, 21, ["greeting", "consent", "guided_check",
-                                                                          "summary"], 0, 0),
+        ("s-0c11", "werkstatt-3", "completed", 41 * 60, 6 * 60 + 40, 14,
+         ["greeting", "consent", "step_location", "step_size", "step_since", "step_changes", "summary", "goodbye"],
+         {"input": {"off_topic": 4}, "output": {"no_diagnosis": 1}}, 0, 0.64),
+        ("s-9d02", "werkstatt-2", "disconnected", 19 * 60, 2 * 60 + 5, 8, ["greeting", "consent", "step_location"],
+         {"input": {"off_topic": 1, "prompt_injection": 1}}, 1, 0.71),
+        ("s-77e4", "schulung-1", "drained", 2 * 3600 + 50 * 60, 9 * 60, 21,
+         ["greeting", "consent", "step_location", "step_size", "step_since", "step_changes", "summary"], {}, 0, 0.83),
     ]
-    for session_id, room, outcome, ago, duration, turns, phases, hits, failures in reversed(finished):
+    for session_id, room, outcome, ago, duration, turns, phases, hits, failures, e2e_p50 in reversed(finished):
         state.session_finished(session_id, {
-            "session_id": session_id, "room": room, "outcome": outcome, "started_at": now - ago - duration,
-            "ended_at": now - ago, "turns": turns, "phases_reached": phases, "guardrail_hits": hits,
-            "task_failures": failures,
+            "session_id": session_id, "room": room, "started_at": now - ago - duration, "ended_at": now - ago,
+            "duration_s": duration, "outcome": outcome, "phases_reached": phases, "final_phase": phases[-1],
+            "turns": turns, "latency_s": {"e2e": {"n": turns, "p50": e2e_p50, "p95": e2e_p50 + 0.2}},
+            "guardrail": {"checks": {}, "hits": hits, "discarded_chars": 0}, "task_failures": failures,
         })
     return state, hist
 

@@ -72,7 +72,7 @@ needs_root = [
 
 
 def _unit_value(key: str) -> str:
-    values = re.findall(rf"^{key}=(.*)$", UNIT.read_text(), re.M)
+    values = re.findall(rf"^{key}=(.*)$", UNIT.read_text(), re.MULTILINE)
     assert len(values) == 1, f"{key}= appears {len(values)} times in {UNIT.name}"
     return values[0]
 
@@ -84,7 +84,7 @@ def _unit_value(key: str) -> str:
 def test_unit_exposure_is_at_most_2():
     """systemd-analyze rates the unit's sandboxing at an exposure of 2.0 or less ("OK")."""
     proc = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNIT)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     score = exposure_score(proc.stdout + proc.stderr)
     TIMINGS["exposure_offline"] = score
     assert score <= MAX_EXPOSURE, proc.stdout[-3000:]
@@ -95,8 +95,9 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     """The unit has no unknown or malformed directives (ExecStart points at this host's python3.11,
     since /opt/knotd/venv exists only where the package is installed)."""
     copy = tmp_path / "knotd.service"
-    copy.write_text(re.sub(r"^ExecStart=\S+", "ExecStart=/usr/bin/python3.11", UNIT.read_text(), flags=re.M))
-    proc = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
+    copy.write_text(re.sub(r"^ExecStart=\S+", "ExecStart=/usr/bin/python3.11", UNIT.read_text(), flags=re.MULTILINE))
+    proc = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60,
+                          check=False)
     complaints = [line for line in (proc.stdout + proc.stderr).splitlines() if "knotd.service" in line]
     assert proc.returncode == 0 and not complaints, proc.stdout + proc.stderr
 
@@ -117,8 +118,8 @@ def test_unit_never_restarts_a_config_error():
 def test_unit_keeps_the_two_hardening_traps_off():
     """MemoryDenyWriteExecute=yes breaks CTranslate2 and ProcSubset=pid breaks psutil/onnxruntime."""
     text = UNIT.read_text()
-    assert re.search(r"^MemoryDenyWriteExecute=no$", text, re.M)
-    assert not re.search(r"^ProcSubset=", text, re.M)
+    assert re.search(r"^MemoryDenyWriteExecute=no$", text, re.MULTILINE)
+    assert not re.search(r"^ProcSubset=", text, re.MULTILINE)
 
 
 # -- the shipped config --------------------------------------------------------------------------
@@ -233,7 +234,7 @@ class TestPackageContents:
         """No file in the package names the source tree or the build's scratch directory."""
         tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(debs["v1"])], stdout=subprocess.PIPE)
         grep = subprocess.run(["grep", "-caF", "-e", f"{ROOT}/", "-e", "/var/tmp/knotd-deb."],
-                              stdin=tar.stdout, capture_output=True, text=True, timeout=300)
+                              stdin=tar.stdout, capture_output=True, text=True, timeout=300, check=False)
         tar.wait(60)
         assert grep.stdout.strip() == "0"
         listing = subprocess.run(["dpkg-deb", "-c", str(debs["v1"])], capture_output=True, text=True,
@@ -337,7 +338,7 @@ class TestBootDebian12:
         status = next(out for line, out in outputs.items() if line.startswith("systemctl status"))
         metrics = next(out for line, out in outputs.items() if line.startswith("curl"))
         assert 'Status: "ready: worker ' in status
-        assert re.search(r"^knotd_ready 1(\.0)?$", metrics, re.M), metrics
+        assert re.search(r"^knotd_ready 1(\.0)?$", metrics, re.MULTILINE), metrics
 
     def test_service_runs_sandboxed_as_knotd(self, box):
         """The main process runs as the knotd user; inside the container the unit verifies and scores ≤ 2.0."""
@@ -455,4 +456,4 @@ class TestBootDebian12:
         owners = box.sh("stat -c %U /proc/[0-9]* 2>/dev/null || true").split()
         assert "knotd" not in owners  # no process of the user survives
         assert box.run("getent passwd knotd").returncode == 0
-        assert box.run("dpkg-query -W -f='${Status}' knotd").output.strip() in ("", "unknown ok not-installed")
+        assert box.run("dpkg -s knotd").returncode != 0  # not even "config-files" is left

@@ -155,6 +155,15 @@ async def test_page_has_no_inline_script_or_style_and_sends_a_strict_csp(client)
     assert not re.search(r"\son[a-z]+=", html), "no inline event handlers"
 
 
+@pytest.mark.parametrize("path", ["/events", "/static/status.css", "/no-such-page"])
+async def test_every_response_carries_the_security_headers(client, path):
+    """Streams, static files and error pages too, not only the handlers' own responses."""
+    resp = await client.get(path)
+    assert "unsafe-inline" not in resp.headers["Content-Security-Policy"]
+    assert resp.headers["Cache-Control"] == "no-store"
+    resp.close()
+
+
 async def test_page_links_the_machine_endpoints(client):
     html = await page_text(client)
     assert 'href="/metrics"' in html and 'href="/api/status"' in html
@@ -167,9 +176,12 @@ async def test_page_shows_sessions_turns_guardrails_failures(client, state):
     state.turn_completed("s1", {"eou": 0.2, "stt": 0.3, "llm_ttft": 0.15, "tts_ttfb": 0.08, "e2e": 0.91})
     state.guardrail_hit("s1", "input", "off_topic")
     state.task_failed(TaskFailure("s1", "publish_phase", "TimeoutError", 1.0))
-    state.session_finished("s0", {"session_id": "s0", "room": "werkstatt-0", "outcome": "completed",
-                                  "started_at": 100.0, "ended_at": 160.0, "turns": 3,
-                                  "phases_reached": ["greeting", "summary"]})
+    state.session_finished("s0", {  # the record knotd/agent/session.py writes
+        "session_id": "s0", "room": "werkstatt-0", "outcome": "completed", "started_at": 100.0, "ended_at": 160.0,
+        "duration_s": 60.0, "turns": 3, "phases_reached": ["greeting", "summary"], "final_phase": "goodbye",
+        "latency_s": {"e2e": {"n": 3, "p50": 0.64, "p95": 0.7, "max": 0.7}}, "task_failures": 0,
+        "guardrail": {"checks": {}, "hits": {"input": {"off_topic": 2}, "output": {"no_diagnosis": 1}}},
+    })
     html = await page_text(client)
     text = visible_text(html)
     assert "guided_check" in text
@@ -177,7 +189,10 @@ async def test_page_shows_sessions_turns_guardrails_failures(client, state):
     assert re.search(r'class="num over"[^>]*>910 ms', html)  # ... and marked as such
     assert 'class="pt over"' in html  # the sparkline's dot for it, too
     assert "off_topic" in text and "publish_phase" in text and "TimeoutError" in text
-    assert "werkstatt-0" in text and "completed" in text and "1 min 0 s" in text and "summary" in text
+    finished = visible_text(html[html.index('id="finished"'):])
+    assert "werkstatt-0" in finished and "completed" in finished and "1 min 0 s" in finished
+    assert "goodbye" in finished and "640 ms" in finished
+    assert re.search(r'data-label="Guardrail hits">3<', html)
 
 
 async def test_finished_session_with_unknown_shape_still_renders(client, state):
@@ -293,6 +308,18 @@ async def test_events_sends_a_heartbeat_when_nothing_changes(client, state):
     while (event := await read_sse(resp))[0] != "comment":
         pass
     assert event == ("comment", "heartbeat")
+    resp.close()
+
+
+async def test_events_pushes_new_histogram_numbers_by_the_next_heartbeat(client, histograms):
+    """A stage or turn timing does not change the daemon state, yet the page's percentiles follow it."""
+    client.server.app[STREAMS_KEY].heartbeat_s = 0.2
+    resp = await client.get("/events")
+    first = await next_status(resp)
+    assert [row["count"] for row in first["latency"]["turn"] if row["component"] == "e2e"] == [0]
+    histograms.turns.labels(component="e2e").observe(0.5)
+    update = await next_status(resp)
+    assert [row["count"] for row in update["latency"]["turn"] if row["component"] == "e2e"] == [1]
     resp.close()
 
 

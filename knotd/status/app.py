@@ -22,7 +22,7 @@ from knotd.errors import KnotdError
 from knotd.state import DaemonState
 from knotd.status import page
 from knotd.status.events import EventStreams, encode_event, stream_events
-from knotd.status.latency import LatencyHistograms
+from knotd.status.latency import LatencyHistograms, observation_count
 from knotd.status.view import build_page, status_document
 
 log = structlog.get_logger(__name__)
@@ -93,7 +93,8 @@ def create_app(
     ``/events`` waits on ``state.wait_changed``, so ``state.bind_loop()`` must have been called on the
     loop that serves the app. ``histograms`` defaults to knotd's own stage and turn histograms.
     """
-    app = web.Application(middlewares=[_security_headers])
+    app = web.Application()
+    app.on_response_prepare.append(_add_security_headers)
     app[STATE_KEY] = state
     app[LOOP_MONITOR_KEY] = loop_monitor or LoopMonitor()
     app[TEMPLATES_KEY] = page.create_environment()
@@ -110,12 +111,11 @@ def create_app(
     return app
 
 
-@web.middleware
-async def _security_headers(request: web.Request, handler: Any) -> web.StreamResponse:
-    response = await handler(request)
+async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    # on_response_prepare rather than a middleware: it also covers streamed responses (/events, whose headers
+    # go out before the handler returns), static files and aiohttp's own error pages.
     for key, value in SECURITY_HEADERS.items():
         response.headers.setdefault(key, value)
-    return response
 
 
 async def index(request: web.Request) -> web.Response:
@@ -134,7 +134,10 @@ async def events(request: web.Request) -> web.StreamResponse:
             "page", page.live_update(app[TEMPLATES_KEY], model)
         )
 
-    return await stream_events(request, app[STREAMS_KEY], app[STATE_KEY], render)
+    return await stream_events(
+        request, app[STREAMS_KEY], app[STATE_KEY], render,
+        unseen_changes=lambda: observation_count(app[HISTOGRAMS_KEY]),
+    )
 
 
 async def api_status(request: web.Request) -> web.Response:

@@ -2,9 +2,9 @@
 
 A stream sends ``retry:`` first, then the current events at once, then new events whenever
 ``DaemonState.wait_changed`` fires (bursts are coalesced), and a comment line as a heartbeat when nothing
-changed for a while, so proxies keep the connection and a vanished client is noticed. Browsers reconnect
-on their own (``EventSource``); every (re)connection starts with the full current state, so no event ids
-are needed.
+changed for a while, so proxies keep the connection and a vanished client is noticed. Streams share one
+rendering per state, so a change costs one render however many browsers watch. Browsers reconnect on their
+own (``EventSource``); every (re)connection starts with the full current state, so no event ids are needed.
 
 Open streams would hold ``AppRunner.cleanup()`` for its whole shutdown timeout (60 s by default), so the
 app's ``on_shutdown`` closes ``EventStreams`` and every stream returns within one loop iteration.
@@ -22,7 +22,7 @@ from aiohttp import web
 from knotd.state import DaemonState
 
 HEARTBEAT_S = 15.0
-COALESCE_S = 0.25  # a turn changes several things at once; send them as one update
+COALESCE_S = 0.5  # a turn changes several things at once; send them as one update
 RETRY_MS = 2000
 MAX_STREAMS = 32
 
@@ -36,6 +36,7 @@ class EventStreams:
         self.max_streams, self.heartbeat_s, self.coalesce_s = max_streams, heartbeat_s, coalesce_s
         self.open = 0
         self._closing = asyncio.Event()
+        self._rendered: tuple[tuple[int, int], bytes] | None = None
 
     @property
     def is_closing(self) -> bool:
@@ -48,6 +49,12 @@ class EventStreams:
     async def wait_closed(self) -> None:
         await self._closing.wait()
 
+    def render_once(self, key: tuple[int, int], render: Callable[[], bytes]) -> bytes:
+        """``render()``, shared by every stream that sends the same state (``key``)."""
+        if self._rendered is None or self._rendered[0] != key:
+            self._rendered = (key, render())
+        return self._rendered[1]
+
 
 def encode_event(name: str, data: Any) -> bytes:
     """One SSE event; JSON without newlines fits a single ``data:`` line."""
@@ -58,9 +65,18 @@ HEARTBEAT = b": heartbeat\n\n"
 
 
 async def stream_events(
-    request: web.Request, streams: EventStreams, state: DaemonState, render: Callable[[], bytes],
+    request: web.Request,
+    streams: EventStreams,
+    state: DaemonState,
+    render: Callable[[], bytes],
+    *,
+    unseen_changes: Callable[[], int] = lambda: 0,
 ) -> web.StreamResponse:
-    """Serve one ``/events`` stream; ``render()`` gives the encoded events for the current state."""
+    """Serve one ``/events`` stream; ``render()`` gives the encoded events for the current state.
+
+    ``unseen_changes()`` counts changes that do not move the state's version (histogram observations). It
+    is checked at every heartbeat, so numbers derived from them are at most one heartbeat old.
+    """
     if streams.is_closing or streams.open >= streams.max_streams:
         reason = "shutting down" if streams.is_closing else "too many open /events streams"
         return web.json_response({"error": reason}, status=503)
@@ -72,19 +88,20 @@ async def stream_events(
     closing = asyncio.ensure_future(streams.wait_closed())
     try:
         await response.write(f"retry: {RETRY_MS}\n\n".encode())
-        sent: int | None = None
+        sent: tuple[int, int] | None = None
         while not closing.done():
-            if sent != state.version:
-                sent = state.version  # read before rendering: a change during rendering is sent again
-                await response.write(render())
+            current = (state.version, unseen_changes())  # read before rendering: later changes are sent again
+            if current != sent:
+                sent = current
+                await response.write(streams.render_once(current, render))
                 await asyncio.wait({closing}, timeout=streams.coalesce_s)
                 continue
-            change = asyncio.ensure_future(state.wait_changed(sent, streams.heartbeat_s))
+            change = asyncio.ensure_future(state.wait_changed(current[0], streams.heartbeat_s))
             await asyncio.wait({change, closing}, return_when=asyncio.FIRST_COMPLETED)
             if not change.done():
                 change.cancel()
                 await asyncio.wait({change})
-            elif change.result() == sent:
+            elif (state.version, unseen_changes()) == current:
                 await response.write(HEARTBEAT)
     except ConnectionResetError:
         pass  # the browser went away; nothing to clean up beyond the finally

@@ -128,3 +128,12 @@ def turn_summaries(histograms: LatencyHistograms) -> dict[str, LatencySummary]:
     per_component = read_buckets(histograms.turns, "component")
     names = list(metrics.TURN_COMPONENTS) + sorted(set(per_component) - set(metrics.TURN_COMPONENTS))
     return {name: summarise(per_component.get(name, Buckets())) for name in names}
+
+
+def observation_count(histograms: LatencyHistograms) -> int:
+    """How many observations both histograms hold; it moves whenever a percentile may have moved."""
+    total = 0.0
+    for histogram in (histograms.stages, histograms.turns):
+        for family in histogram.collect():
+            total += sum(s.value for s in family.samples if s.name.endswith("_count"))
+    return int(total)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from knotd.status import charts
@@ -84,7 +84,6 @@ class ActiveSession:
     room: str
     phase: str
     started_at: float
-    duration_s: float
     turns: int
     guardrail_hits: int
     task_failures: int
@@ -101,6 +100,7 @@ class FinishedSession:
     guardrail_hits: int | None
     task_failures: int | None
     last_phase: str
+    e2e_p50_s: float | None
 
 
 @dataclass(frozen=True)
@@ -167,8 +167,11 @@ class Page:
 
     @property
     def title(self) -> str:
+        """The browser tab's title: readable at a glance among other tabs."""
         h = self.headline
-        return f"knotd: {h.badge.lower()}" + ("" if h.title.lower() == h.badge.lower() else f" ({h.title})")
+        if h.is_ready:
+            return f"knotd: ready · {h.active_sessions}/{h.max_sessions} sessions"
+        return f"knotd: {h.badge.lower()} · {h.title}"
 
 
 def build_page(snapshot: Mapping[str, Any], histograms: LatencyHistograms, now: float | None = None) -> Page:
@@ -214,11 +217,6 @@ def status_document(snapshot: Mapping[str, Any], histograms: LatencyHistograms) 
             "stages": [summary("stage", n, s) for n, s in stage_summaries(histograms).items()],
         },
     }
-
-
-def page_as_json(page: Page) -> dict[str, Any]:
-    """The page model as plain data (for debugging templates and for tests)."""
-    return asdict(page)
 
 
 # -- pieces ------------------------------------------------------------------------------------------------
@@ -273,7 +271,6 @@ def _active(s: Mapping[str, Any]) -> ActiveSession:
         room=str(s.get("room", "")),
         phase=str(s.get("phase", "")),
         started_at=float(s["started_at"]),
-        duration_s=float(s.get("duration_s", 0.0)),
         turns=int(s.get("turns", 0)),
         guardrail_hits=int(s.get("guardrail_hits", 0)),
         task_failures=int(s.get("task_failures", 0)),
@@ -282,22 +279,27 @@ def _active(s: Mapping[str, Any]) -> ActiveSession:
 
 
 def _finished(summary: Mapping[str, Any]) -> FinishedSession:
-    """A finished-session record; tolerant, because the record grows with the agent (missing keys show as —)."""
+    """A session summary record (``knotd/agent/session.py``), read tolerantly: a missing or odd field shows as —."""
     started, ended = _number(summary.get("started_at")), _number(summary.get("ended_at"))
     duration = _number(summary.get("duration_s"))
     if duration is None and started is not None and ended is not None:
         duration = ended - started
-    phases = summary.get("phases_reached", summary.get("phases", []))
-    last_phase = str(phases[-1]) if isinstance(phases, Sequence) and not isinstance(phases, str) and phases else ""
+    phases = summary.get("phases_reached", [])
+    last_phase = summary.get("final_phase") or (phases[-1] if isinstance(phases, list) and phases else "")
+    guardrail = summary.get("guardrail")
+    hits = guardrail.get("hits") if isinstance(guardrail, Mapping) else summary.get("guardrail_hits")
+    latency = summary.get("latency_s")
+    e2e = latency.get("e2e") if isinstance(latency, Mapping) else None
     return FinishedSession(
         room=str(summary.get("room") or _short(str(summary.get("session_id", "")))),
         outcome=str(summary.get("outcome", "")),
         ended_at=ended,
         duration_s=duration,
         turns=_count(summary.get("turns")),
-        guardrail_hits=_count(summary.get("guardrail_hits")),
+        guardrail_hits=_count(hits),
         task_failures=_count(summary.get("task_failures")),
-        last_phase=last_phase or str(summary.get("phase", "")),
+        last_phase=str(last_phase),
+        e2e_p50_s=_number(e2e.get("p50")) if isinstance(e2e, Mapping) else None,
     )
 
 
@@ -338,7 +340,7 @@ def _stage_rows(histograms: LatencyHistograms) -> tuple[LatencyRow, ...]:
 
 
 def _guardrail_rows(hits: Mapping[str, int]) -> tuple[GuardrailRow, ...]:
-    most = max(hits.values(), default=0)
+    most = max(hits.values(), default=0) or 1
     rows = []
     for key, count in sorted(hits.items(), key=lambda kv: (-kv[1], kv[0])):
         direction, _, rule = key.partition(":")
@@ -361,13 +363,13 @@ def _number(value: Any) -> float | None:
 
 
 def _count(value: Any) -> int | None:
-    """An int, or the size of a list, or the sum of a {rule: hits} mapping."""
+    """An int, the size of a list, or the sum of a (nested) mapping of counts such as {direction: {rule: n}}."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
     if isinstance(value, Mapping):
-        return int(sum(v for v in value.values() if isinstance(v, int | float)))
+        return sum(_count(v) or 0 for v in value.values())
     if isinstance(value, list):
         return len(value)
     return None

@@ -18,6 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 ROOTFS_SCRIPT = Path(__file__).resolve().parent / "rootfs.sh"
 DEFAULT_CACHE = Path(os.environ.get("KNOTD_CI_CACHE", "/var/cache/knotd-ci"))
@@ -45,7 +46,7 @@ class Result:
     returncode: int
     output: str
 
-    def check(self) -> "Result":
+    def check(self) -> Result:
         if self.returncode != 0:
             raise ContainerError(f"`{self.command}` exited {self.returncode}:\n{self.output[-4000:]}")
         return self
@@ -53,7 +54,8 @@ class Result:
 
 def ensure_rootfs(cache: Path = DEFAULT_CACHE, timeout: float = 900) -> Path:
     """The cached bookworm rootfs, debootstrapped first if missing or stale (≈1–2 min once)."""
-    proc = subprocess.run([str(ROOTFS_SCRIPT), str(cache)], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([str(ROOTFS_SCRIPT), str(cache)], capture_output=True, text=True, timeout=timeout,
+                          check=False)
     if proc.returncode != 0:
         raise ContainerError(f"building the rootfs failed:\n{proc.stderr[-4000:]}")
     return Path(proc.stdout.strip().splitlines()[-1])
@@ -85,10 +87,9 @@ class Container:
             "--register=no", "--keep-unit", "--volatile=overlay", "--console=passive", "-b",
         ]
         args += [f"--bind-ro={host}:{inside}" for host, inside in self.binds.items()]
-        log = open(self.log_path, "ab")
-        self._nspawn = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:  # nspawn keeps its own copy of the descriptor
+            self._nspawn = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                            start_new_session=True)
         deadline = started + timeout
         while self.leader is None:
             self._fail_if_nspawn_exited()
@@ -129,7 +130,7 @@ class Container:
                 self._nspawn.wait(15)
         self._nspawn = None
 
-    def __enter__(self) -> "Container":
+    def __enter__(self) -> Self:
         try:
             self.boot()
         except BaseException:
@@ -163,7 +164,7 @@ class Container:
             proc = subprocess.run(
                 ["nsenter", "-t", str(self.leader), "-a", *env_args, *argv],
                 input=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                timeout=timeout, errors="replace",
+                timeout=timeout, errors="replace", check=False,
             )
         except subprocess.TimeoutExpired as err:
             if not check_timeout:

@@ -29,7 +29,7 @@ DEB_NAME = re.compile(r"knotd_[^\s/]+_amd64\.deb")
 
 def upstream_version() -> str:
     text = (ROOT / "knotd" / "__init__.py").read_text()
-    match = re.search(r'^__version__ = "([^"]+)"$', text, re.M)
+    match = re.search(r'^__version__ = "([^"]+)"$', text, re.MULTILINE)
     assert match, "no __version__ in knotd/__init__.py"
     return match.group(1)
 
@@ -39,7 +39,8 @@ def build_deb(out_dir: Path, *, version: str | None = None, timeout: float = 900
     env = {**os.environ, "KNOTD_DIST_DIR": str(out_dir)}
     if version:
         env["KNOTD_DEB_VERSION"] = version
-    proc = subprocess.run([str(BUILD_SCRIPT)], env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([str(BUILD_SCRIPT)], env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"build.sh failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     debs = sorted(out_dir.glob("knotd_*_amd64.deb"))
@@ -58,7 +59,7 @@ def repack_with_version(deb: Path, version: str, out_dir: Path, timeout: float =
     shutil.rmtree(tree, ignore_errors=True)
     subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True, timeout=timeout)
     control = tree / "DEBIAN" / "control"
-    control.write_text(re.sub(r"^Version: .*$", f"Version: {version}", control.read_text(), flags=re.M))
+    control.write_text(re.sub(r"^Version: .*$", f"Version: {version}", control.read_text(), flags=re.MULTILINE))
     out = out_dir / f"knotd_{version}_amd64.deb"
     subprocess.run(["dpkg-deb", "--root-owner-group", "-Zzstd", "--build", str(tree), str(out)],
                    check=True, timeout=timeout, stdout=subprocess.DEVNULL)
@@ -69,7 +70,7 @@ def repack_with_version(deb: Path, version: str, out_dir: Path, timeout: float =
 def doc_commands(block: str) -> list[str]:
     """The shell lines of the ```sh block after ``<!-- boot-test:<block> -->`` in docs/install.md."""
     text = INSTALL_DOC.read_text()
-    match = re.search(rf"<!-- boot-test:{re.escape(block)} -->\s*```sh\n(.*?)```", text, re.S)
+    match = re.search(rf"<!-- boot-test:{re.escape(block)} -->\s*```sh\n(.*?)```", text, re.DOTALL)
     if not match:
         raise LookupError(f"docs/install.md has no boot-test:{block} block")
     return [line for line in match.group(1).splitlines() if line.strip() and not line.lstrip().startswith("#")]
@@ -99,11 +100,11 @@ class StandinProcess:
         self.url = f"ws://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {**os.environ, "LIVEKIT_API_KEY": api_key, "LIVEKIT_API_SECRET": api_secret}
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.livekit_standin", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._log, start_new_session=True,
-        )
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.livekit_standin", "--host", "127.0.0.1", "--port", str(self.port)],
+                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+            )
 
     def wait_ready(self, timeout: float = 30) -> None:
         assert self.proc.stdout is not None
@@ -132,7 +133,8 @@ class StandinProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        self._log.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def unit_properties(box: Container, *names: str, unit: str = "knotd.service") -> dict[str, str]:
