@@ -341,9 +341,12 @@ class TestBootDebian12:
         assert re.search(r"^knotd_ready 1(\.0)?$", metrics, re.MULTILINE), metrics
 
     def test_service_runs_sandboxed_as_knotd(self, box):
-        """The main process runs as the knotd user; inside the container the unit verifies and scores ≤ 2.0."""
+        """The main process runs as the knotd user; `knotd --version` matches the package; inside the
+        container the unit verifies and scores ≤ 2.0; every bundled shared library finds its dependencies."""
         pid = unit_properties(box, "MainPID")["MainPID"]
         assert box.sh(f"stat -c %U /proc/{pid}").strip() == "knotd"
+        package_version = box.sh("dpkg-query -W -f='${Version}' knotd").strip()
+        assert box.sh("knotd --version").strip() == f"knotd {re.split(r'[+~-]', package_version)[0]}"
         assert box.sh("stat -c '%a %U' /etc/knotd/credentials").strip() == "700 root"
         assert box.sh("stat -c '%a %U' /etc/knotd/knotd.env").strip() == "600 root"
         box.sh("systemd-analyze verify knotd.service")
