@@ -14,7 +14,7 @@ MODEL_DIR=$ROOT/.cache/models/whisper-base
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 APT_RUNTIME=(python3.11 python3-venv espeak-ng sox)
-APT_TEST=(prometheus chromium debootstrap systemd-container dpkg-dev zstd iproute2 procps)
+APT_TEST=(prometheus chromium debootstrap systemd-container dpkg-dev iproute2 procps)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -78,8 +78,9 @@ case "$cmd" in
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     deb)
-        apt_install "${APT_RUNTIME[@]}" dpkg-dev zstd
-        exec packaging/deb/build.sh "$@"
+        apt_install "${APT_RUNTIME[@]}" dpkg-dev
+        venv "test,models"
+        as_root packaging/deb/build.sh "$@"
         ;;
     bench)
         apt_install "${APT_RUNTIME[@]}"

@@ -1,8 +1,9 @@
 """Command line: parse argv, load settings, run a command, map errors to exit codes.
 
 This is the only module that writes to stderr for a person or chooses the process exit code:
-0 success, 1 runtime failure (systemd restarts the unit), 2 bad usage or configuration (the unit's
-``RestartPreventExitStatus=2`` stops a restart loop on a config mistake), 130 forced stop.
+0 success, 1 runtime failure (systemd restarts the unit), 2 bad usage or configuration, 3 a model that
+cannot be loaded or fails its self-test (the unit's ``RestartPreventExitStatus=2 3`` stops a restart loop on
+either: restarting fixes neither), 130 forced stop.
 """
 
 from __future__ import annotations
@@ -109,13 +110,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     _configure_logging(settings)
 
     from knotd import stages
+    from knotd.agent.models import start_whisper_load
+
+    stages.record("config", time.perf_counter() - started, source=settings.source)
+    notifier.status("loading models")
+    # Whisper loads and self-tests in a thread while this thread imports livekit (≈2 s on 2 cores).
+    whisper = start_whisper_load(settings)
+
     from knotd.agent.runtime import KnotencheckRuntime
     from knotd.daemon import Daemon
 
-    stages.record("config", time.perf_counter() - started, source=settings.source)
-    notifier.status("config loaded")
     try:
-        return asyncio.run(Daemon(settings, KnotencheckRuntime(), notifier).run())
+        return asyncio.run(Daemon(settings, KnotencheckRuntime(whisper), notifier).run())
     except KnotdError as err:
         import structlog
 

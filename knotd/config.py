@@ -397,7 +397,7 @@ def _apply_secrets(settings: Settings, env: Mapping[str, str], locate: _Locator)
                 locate(section_name, key),
             )
         value = _read_credential(cred_dir, cred_name, dotted) if cred_dir else None
-        if value is None:
+        if not value:  # the unit gives a blank credential when its file is missing: fall back to the env
             value = env.get(env_name)
         if value:
             section = dataclasses.replace(section, **{key: Secret(value.strip())})

@@ -1,8 +1,12 @@
-"""The daemon's lifecycle, in order, and nothing else.
+"""The daemon's lifecycle, and nothing else.
 
-config (done by the CLI) → model loading → status server listening → LiveKit worker started (THREAD
-executor, on this loop) → ``worker_registered`` → ``READY=1`` → wait for a stop signal → ``STOPPING=1`` →
-drain the worker (bounded) → close. Each step is a timed ``stage`` and a ``STATUS=`` line for systemd.
+config (done by the CLI, which also starts loading Whisper) → status server listening → LiveKit worker
+started (THREAD executor, on this loop) while the models finish loading → ``worker_registered`` and models
+loaded → ``READY=1`` → wait for a stop signal → ``STOPPING=1`` → drain the worker (bounded) → close. Each
+step is a timed ``stage`` and a ``STATUS=`` line for systemd.
+
+Model loading overlaps the livekit import and the worker's connection (issue: fast start). LiveKit is told
+the worker is full (load 1.0) until the models are in, so no job starts before them.
 
 Signals only set an event (the work they trigger runs on the loop, never inside the handler); a second
 SIGTERM/SIGINT exits at once with a non-zero code.
@@ -11,6 +15,7 @@ SIGTERM/SIGINT exits at once with a non-zero code.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import signal
@@ -57,7 +62,10 @@ class Daemon:
         )
         self._stop = asyncio.Event()
         self._signals = 0
-        self._registered = asyncio.Event()
+        # Resolved (on the main loop) with the job entrypoint once the models are loaded; job threads wait on it.
+        self._entrypoint: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._sent_ready = False
+        self._last_watchdog = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -72,17 +80,10 @@ class Daemon:
         runner: web.AppRunner | None = None
         try:
             self._set(Lifecycle.LOADING_MODELS, "loading models")
-            with stage("model_load"):
-                models = await self._until_stopped(asyncio.to_thread(self.runtime.load_models, self.settings))
-            if models is None:
-                return self._stopped_early()
-            self.state.model = self.runtime.describe_models(models)
-
+            models_task = asyncio.create_task(self._load_models(), name="knotd:models")
             with stage("status_listen"):
                 runner = await start_status_server(self.state, self.settings.status.listen, monitor)
-
-            entrypoint = self.runtime.build_entrypoint(self.settings, models, self.state)
-            return await self._serve_worker(entrypoint)
+            return await self._serve_worker(models_task)
         finally:
             await monitor.stop()
             if runner is not None:
@@ -90,11 +91,32 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
-    async def _serve_worker(self, entrypoint: Any) -> int:
-        url = self.settings.livekit.url
-        self._set(Lifecycle.CONNECTING, f"connecting to {url}")
+    async def _load_models(self) -> None:
+        with stage("model_load"):
+            models = await asyncio.to_thread(self.runtime.load_models, self.settings)
+        self.state.model = self.runtime.describe_models(models)
+        self._entrypoint.set_result(self.runtime.build_entrypoint(self.settings, models, self.state))
+        if self._stop.is_set():
+            return
+        if self.state.registered_since is not None:
+            self._become_ready()
+        elif self.state.registrations == 0:
+            self._set(Lifecycle.CONNECTING, f"connecting to {self.settings.livekit.url}")
+
+    async def _job_entrypoint(self, ctx: Any) -> None:
+        # Runs in a job thread. LiveKit dispatches nothing before the models are in (load 1.0), but a job
+        # that raced that waits for them instead of failing.
+        entrypoint = await asyncio.wrap_future(self._entrypoint)
+        await entrypoint(ctx)
+
+    def _load(self) -> float:
+        if not self._entrypoint.done():
+            return 1.0
+        return min(len(self.state.sessions) / self.settings.worker.max_sessions, 1.0)
+
+    async def _serve_worker(self, models_task: asyncio.Task[None]) -> int:
         with stage("worker_start"):
-            server = build_server(self.settings, entrypoint, lambda: len(self.state.sessions))
+            server = build_server(self.settings, self._job_entrypoint, self._load)
             server.on("worker_registered", self._on_registered)
             started = asyncio.Event()
             server.on("worker_started", started.set)
@@ -103,13 +125,22 @@ class Daemon:
         with ConnectionWatch(self._on_connection_lost):
             waiter = asyncio.create_task(self._stop.wait())
             reporter = asyncio.create_task(self._report_status_changes(), name="knotd:status_reporter")
+            pending: set[asyncio.Future[Any]] = {run_task, waiter, models_task}
             try:
-                await asyncio.wait({run_task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                while True:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    if done == {models_task} and models_task.exception() is None:
+                        continue  # the models are in: keep serving
+                    break
             finally:
                 waiter.cancel()
                 reporter.cancel()
+            if models_task.done() and models_task.exception() is not None:
+                return await self._models_failed(server, run_task, models_task.exception())
             if run_task.done():
                 return await self._worker_failed(server, run_task)
+            if not models_task.done():
+                models_task.cancel()
             return await self._drain(server, run_task)
 
     async def _drain(self, server: Any, run_task: asyncio.Task[None]) -> int:
@@ -129,6 +160,15 @@ class Daemon:
         self.notifier.status("stopped")
         return 0
 
+    async def _models_failed(self, server: Any, run_task: asyncio.Task[None], exc: BaseException) -> int:
+        reason = f"model loading failed: {exc}"
+        self.state.set_lifecycle(Lifecycle.FAILED, reason)
+        self.notifier.status(reason)
+        log.error("models_failed", error=str(exc), error_type=type(exc).__name__)
+        await server.aclose()
+        await asyncio.gather(run_task, return_exceptions=True)
+        raise exc
+
     async def _worker_failed(self, server: Any, run_task: asyncio.Task[None]) -> int:
         exc = run_task.exception()
         reason = f"LiveKit worker stopped: {exc}" if exc else "LiveKit worker stopped unexpectedly"
@@ -140,27 +180,33 @@ class Daemon:
 
     # -- events (all on the main loop) --------------------------------------------------------------
     def _on_registered(self, worker_id: str, server_info: Any = None) -> None:
-        first = self.state.registrations == 0
         self.state.worker_registered(worker_id)
+        log.info("worker_registered", worker_id=worker_id, registrations=self.state.registrations)
         if self._stop.is_set():
             return
-        self.state.set_lifecycle(Lifecycle.READY, "ready")
-        log.info("worker_registered", worker_id=worker_id, first=first)
-        if first:
-            self.notifier.ready(self.state.status_line())
-            log.info("ready", worker_id=worker_id)
+        if self._entrypoint.done():
+            self._become_ready()
         else:
+            self._set(Lifecycle.LOADING_MODELS, f"loading models (registered as worker {worker_id})")
+
+    def _become_ready(self) -> None:
+        self.state.set_lifecycle(Lifecycle.READY, "ready")
+        if self._sent_ready:
             self.notifier.status(self.state.status_line())
+            return
+        self._sent_ready = True
+        self.notifier.ready(self.state.status_line())
+        log.info("ready", worker_id=self.state.worker_id)
 
     def _on_connection_lost(self) -> None:
-        # Called from livekit's logging call on the main loop thread.
-        if self._stop.is_set() or self.state.lifecycle is Lifecycle.DRAINING:
+        # Called from livekit's logging call, on the main loop thread.
+        if self._stop.is_set() or self.state.lifecycle in (Lifecycle.DRAINING, Lifecycle.FAILED):
             return
         url = self.settings.livekit.url
         self.state.worker_lost()
         if self.state.registrations > 0:
             self._set(Lifecycle.RECONNECTING, f"reconnecting to {url}: connection lost")
-        else:
+        elif self._entrypoint.done():
             self._set(Lifecycle.CONNECTING, f"connecting to {url}: not reachable yet, retrying")
 
     def _on_signal(self, sig: signal.Signals) -> None:
@@ -177,7 +223,7 @@ class Daemon:
         if interval is None:
             return
         now = asyncio.get_running_loop().time()
-        if now - getattr(self, "_last_watchdog", 0.0) >= interval:
+        if now - self._last_watchdog >= interval:
             self._last_watchdog = now
             self.notifier.watchdog()
 
@@ -196,24 +242,8 @@ class Daemon:
         self.state.set_lifecycle(lifecycle, reason)
         self.notifier.status(self.state.status_line())
 
-    async def _until_stopped(self, awaitable: Any) -> Any:
-        """Await ``awaitable`` unless a stop signal comes first (then return None)."""
-        task = asyncio.ensure_future(awaitable)
-        waiter = asyncio.create_task(self._stop.wait())
-        done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if task in done:
-            return task.result()
-        task.cancel()
-        return None
-
     async def _first_of(self, awaitable: Any, run_task: asyncio.Task[None]) -> None:
         waiter = asyncio.ensure_future(awaitable)
         await asyncio.wait({waiter, run_task}, return_when=asyncio.FIRST_COMPLETED)
         if not waiter.done():
             waiter.cancel()
-
-    def _stopped_early(self) -> int:
-        self.state.set_lifecycle(Lifecycle.STOPPED, "stopped before ready")
-        self.notifier.stopping("stopped before ready")
-        return 0

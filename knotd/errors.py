@@ -28,7 +28,12 @@ class ConfigError(KnotdError):
 
 
 class ModelError(KnotdError):
-    """A model could not be prepared, loaded or failed its self-test."""
+    """A model could not be prepared, loaded or failed its self-test.
+
+    Its own exit code, because restarting does not fix it (the unit lists it in RestartPreventExitStatus=).
+    """
+
+    exit_code = 3
 
 
 class WorkerError(KnotdError):

@@ -23,28 +23,24 @@ RETRY_MESSAGE_PREFIX = "failed to connect to livekit"
 def build_server(
     settings: Settings,
     entrypoint: Callable[[JobContext], Awaitable[None]],
-    active_sessions: Callable[[], int],
+    load: Callable[[], float],
 ) -> AgentServer:
-    """An ``AgentServer`` for knotd: THREAD executor, session-count load, loopback health port.
+    """An ``AgentServer`` for knotd: THREAD executor, knotd's own load, loopback health port.
 
     Args:
         entrypoint: the job entrypoint (runs in a job thread with its own event loop).
-        active_sessions: how many sessions run now; the load reported to LiveKit is that / max_sessions.
+        load: 0..1 reported to LiveKit; at 1.0 the worker takes no job. knotd reports active sessions /
+            max_sessions (CPU may be high on a 2-core VM while Whisper runs: the default CPU-average load
+            with its 0.7 threshold refused every job on such a VM), and 1.0 until the models are loaded.
     """
     # knotd brings its own Silero VAD and uses VAD endpointing: livekit's local turn-detector weights
     # (~244 MB) would be preloaded into this process for nothing.
     os.environ.setdefault("LIVEKIT_AGENTS_PRELOAD_LOCAL_INFERENCE", "0")
     worker = settings.worker
     max_sessions = worker.max_sessions
-
-    def load(_server: Any = None) -> float:
-        # CPU may be high on a 2-core VM while whisper runs; capacity is decided by sessions, as the
-        # default CPU-average load with its 0.7 threshold refused every job on such a VM.
-        return min(active_sessions() / max_sessions, 1.0)
-
     server = AgentServer(
         job_executor_type=JobExecutorType.THREAD,
-        load_fnc=load,
+        load_fnc=lambda *_: load(),
         load_threshold=1.0,
         # In THREAD mode an idle "process" is a thread with a fresh event loop: cheap. One per slot lets
         # LiveKit reserve every slot of a burst at once (livekit divides the threshold by this number).

@@ -17,6 +17,7 @@ import importlib.util
 import os
 import shutil
 import threading
+from concurrent.futures import Future
 import warnings
 import wave
 from collections.abc import Callable
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from faster_whisper import WhisperModel
     from livekit.agents.vad import VAD
 
-    from knotd.agent.stt import WhisperTranscriber
+    from knotd.agent.whisper import WhisperTranscriber
     from knotd.config import Settings
 
 WHISPER_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
@@ -240,24 +241,22 @@ class SharedModels:
     transcriber: WhisperTranscriber
 
 
-def load_models(settings: Settings) -> SharedModels:
-    """Load Whisper and Silero VAD, warm Whisper with one transcription and (if configured) self-test it.
+def load_whisper(settings: Settings) -> WhisperTranscriber:
+    """Load Whisper and warm it with one transcription that is also the known-answer self-test.
 
-    Blocks for a few seconds; call it off the event loop or before the loop starts. From a thread, call
-    `knotd.agent.register_plugins()` on the main thread first (livekit plugins register only there).
-    Stages: `stt_init` (Whisper load), `stt_selftest` (the warm-up transcription, checked; `stt_warmup`
-    when the check is off) and `vad_init`.
+    Blocks for a second or two and imports no livekit module, so the daemon runs it in a thread while the
+    main thread imports livekit (``start_whisper_load``). Stages: ``stt_load`` (the model), then
+    ``stt_selftest`` (``stt_warmup`` when ``stt.self_test`` is off).
 
     Raises:
         ModelError: the model directory is incomplete, Whisper cannot load it, or the self-test fails.
     """
     from faster_whisper import WhisperModel
-    from livekit.plugins import silero
 
-    from knotd.agent.stt import WhisperTranscriber
+    from knotd.agent.whisper import WhisperTranscriber
 
     stt = settings.stt
-    with stage("stt_init", compute_type=stt.compute_type, num_workers=stt.num_workers):
+    with stage("stt_load", compute_type=stt.compute_type, num_workers=stt.num_workers):
         check_model_dir(stt.model)
         try:
             whisper = WhisperModel(stt.model, device="cpu", compute_type=stt.compute_type,
@@ -271,9 +270,44 @@ def load_models(settings: Settings) -> SharedModels:
             run_self_test(transcriber)
         else:
             _transcribe_clip(transcriber, SELFTEST_CLIP, what="warm-up")
+    return transcriber
+
+
+def start_whisper_load(settings: Settings) -> Future[WhisperTranscriber]:
+    """Run ``load_whisper`` in a background thread now; the future holds the transcriber or the ModelError."""
+    future: Future[WhisperTranscriber] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(load_whisper(settings))
+        except BaseException as err:  # handed to whoever waits on the future
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="knotd-whisper-load", daemon=True).start()
+    return future
+
+
+def load_vad() -> VAD:
+    """Silero VAD from its plugin wheel (stage ``vad_init``). Call ``register_plugins()`` on the main thread first."""
+    from livekit.plugins import silero
+
     with stage("vad_init"):
-        vad = silero.VAD.load()
-    return SharedModels(whisper=whisper, vad=vad, transcriber=transcriber)
+        return silero.VAD.load()
+
+
+def load_models(settings: Settings, whisper: Future[WhisperTranscriber] | None = None) -> SharedModels:
+    """Load Whisper (or wait for ``whisper``, a load already started) and Silero VAD; blocks.
+
+    From a thread, call ``knotd.agent.register_plugins()`` on the main thread first (livekit plugins register
+    only there).
+
+    Raises:
+        ModelError: see ``load_whisper``.
+    """
+    transcriber = whisper.result() if whisper is not None else load_whisper(settings)
+    return SharedModels(whisper=transcriber.model, vad=load_vad(), transcriber=transcriber)
 
 
 def read_selftest_clip(path: Path = SELFTEST_CLIP) -> np.ndarray:

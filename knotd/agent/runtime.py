@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Any
 
 from knotd.config import Settings
@@ -9,18 +10,24 @@ from knotd.state import DaemonState
 
 
 class KnotencheckRuntime:
-    """Implements ``knotd.daemon.AgentRuntime`` for the Knotencheck agent."""
+    """Implements ``knotd.daemon.AgentRuntime`` for the Knotencheck agent.
 
-    def __init__(self) -> None:
+    Args:
+        whisper: a Whisper load already running (``models.start_whisper_load``), so loading overlaps the
+            livekit import; None loads Whisper in ``load_models``.
+    """
+
+    def __init__(self, whisper: Future[Any] | None = None) -> None:
         from knotd.agent import register_plugins
 
-        register_plugins()
+        register_plugins()  # main thread only; load_models runs in a thread
+        self._whisper = whisper
 
     def load_models(self, settings: Settings) -> Any:
-        """Load Whisper, VAD and TTS once and run the known-answer self-test. Blocks; runs in a thread."""
+        """Whisper (known-answer self-tested) and Silero VAD, loaded once. Blocks; runs in a thread."""
         from knotd.agent.models import load_models
 
-        return load_models(settings)
+        return load_models(settings, self._whisper)
 
     def describe_models(self, models: Any) -> str:
         from knotd.agent.session import describe_models
