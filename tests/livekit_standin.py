@@ -209,11 +209,13 @@ class LiveKitStandIn:
         *,
         worker_id: str | None = None,
         timeout: float = 10.0,
+        url: str | None = None,
     ) -> JobHandle:
         """Offer a job to a worker (the newest one by default) and assign it if the worker accepts.
 
         Sends `AvailabilityRequest`, waits for the `AvailabilityResponse` and, when it says available,
-        sends `JobAssignment` with this server's URL and a room-join token signed with the API secret.
+        sends `JobAssignment` with a room-join token signed with the API secret and the room server's
+        `url` (default: this stand-in's, where nothing answers the room connection).
         """
         if worker_id is None:
             if not self.connected_workers:
@@ -248,7 +250,7 @@ class LiveKitStandIn:
                 .with_grants(api.VideoGrants(room_join=True, room=room_name, agent=True))
                 .to_jwt()
             )
-            assignment = agent.JobAssignment(job=job, url=self.url, token=token)
+            assignment = agent.JobAssignment(job=job, url=url or self.url, token=token)
             await worker.ws.send_bytes(agent.ServerMessage(assignment=assignment).SerializeToString())
             self._job_workers[job_id] = worker_id
         return JobHandle(job_id, worker_id, room_name, response.available, response.participant_identity)
