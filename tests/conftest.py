@@ -28,10 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """Whisper base, assembled once from the knotd[models] packages (as `knotd models` does)."""
-    from knotd.agent.models import prepare_whisper_base
+    from tests.audio import whisper_base_dir
 
-    path = Path(os.environ.get("KNOTD_TEST_MODEL_DIR", ROOT / ".cache" / "models" / "whisper-base"))
-    return prepare_whisper_base(path)
+    return whisper_base_dir()
 
 
 def free_port() -> int:

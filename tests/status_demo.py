@@ -26,7 +26,7 @@ WORKER_ID = "AW_kT4mZq8vRx2L"
 
 # (stage, seconds): lifecycle once, pipeline stages per turn
 LIFECYCLE_STAGES = [
-    ("config", 0.004), ("stt_init", 0.61), ("stt_warmup", 1.32), ("vad_init", 0.09), ("tts_init", 0.012),
+    ("config", 0.004), ("stt_load", 0.61), ("stt_warmup", 1.32), ("vad_init", 0.09), ("tts_init", 0.012),
     ("model_load", 2.1), ("status_listen", 0.002), ("worker_start", 0.21),
 ]
 PIPELINE_STAGES = [("input_guard", 0.0004), ("output_guard", 0.0007), ("session_start", 0.35)]

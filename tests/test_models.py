@@ -155,14 +155,14 @@ def test_bundled_clips_are_16k_mono_pcm():
 @pytest.mark.models
 @needs_packages
 def test_load_models_loads_warms_and_self_tests():
-    """load_models returns a working transcriber and records the stt_init, stt_selftest and vad_init stages."""
+    """load_models returns a working transcriber and records the stt_load, stt_selftest and vad_init stages."""
     settings = Settings(stt=SttSettings(model=str(whisper_base_dir()), num_workers=1))
 
     shared = load_models(settings)
 
     assert "knotencheck" in shared.transcriber.transcribe_pcm(models.read_selftest_clip()).text.lower()
     recorded = {r.name: r.status for r in stages.recent(20)}
-    assert recorded["stt_init"] == recorded["stt_selftest"] == recorded["vad_init"] == "ok"
+    assert recorded["stt_load"] == recorded["stt_selftest"] == recorded["vad_init"] == "ok"
 
 
 @pytest.mark.models
@@ -182,7 +182,7 @@ def test_self_test_with_a_wrong_expectation_fails_with_an_operator_message():
 
 
 def test_load_models_with_a_missing_model_dir_names_it(tmp_path):
-    """A configured model directory that does not exist fails at stt_init with its path."""
+    """A configured model directory that does not exist fails at stt_load with its path."""
     settings = Settings(stt=SttSettings(model=str(tmp_path / "absent")))
 
     with pytest.raises(ModelError, match="absent"):
