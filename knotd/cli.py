@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from knotd import __version__
 from knotd.config import DEFAULT_CONFIG_PATH, Settings, load_settings, public_view
@@ -161,11 +161,28 @@ def cmd_models(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, require_livekit=False)
     dest = args.dest or Path(settings.stt.model)
     if args.fetch:
-        path = models.download_whisper(args.fetch, dest)
+        path = models.download_whisper(args.fetch, dest, progress=_download_progress(sys.stderr))
     else:
         path = models.prepare_whisper_base(dest, force=args.force)
     print(f"knotd: model ready in {path}")
     return EXIT_OK
+
+
+def _download_progress(stream: Any) -> Any:
+    """A progress line for `knotd models --fetch`: redrawn on a terminal, a line per 50 MB otherwise."""
+    is_tty = getattr(stream, "isatty", lambda: False)()
+    last = [0]
+
+    def show(written: int) -> None:
+        mb = written / 1_000_000
+        if is_tty:
+            stream.write(f"\rknotd: downloading … {mb:8.1f} MB")
+            stream.flush()
+        elif mb - last[0] >= 50:
+            last[0] = int(mb)
+            stream.write(f"knotd: downloading … {mb:.0f} MB\n")
+
+    return show
 
 
 _COMMANDS = {
