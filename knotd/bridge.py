@@ -109,7 +109,12 @@ class TaskBridge:
 
     def on(self, emitter: _Emitter, event: str, fn: Callable[..., Awaitable[Any]], *, name: str | None = None) -> None:
         """Register ``fn`` (async) for ``event`` on a livekit emitter through the bridge."""
-        emitter.on(event, self.handler(name or event)(fn))
+        handler = name or event
+        # Series exist from registration on, so the first failure of a handler already counts in rate().
+        for outcome in metrics.TASK_OUTCOMES:
+            metrics.HANDLER_TASKS.labels(handler=handler, outcome=outcome)
+        metrics.HANDLER_TASKS_INFLIGHT.labels(handler=handler)
+        emitter.on(event, self.handler(handler)(fn))
 
     def _start(self, handler: str, coro: Coroutine[Any, Any, Any]) -> None:
         if self._closing:

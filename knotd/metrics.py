@@ -19,6 +19,7 @@ STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5,
 TURN_COMPONENTS = ("eou", "stt", "llm_ttft", "tts_ttfb", "e2e")
 GUARD_DIRECTIONS = ("input", "output")
 TASK_OUTCOMES = ("ok", "failed", "cancelled")
+SESSION_OUTCOMES = ("completed", "disconnected", "error", "drained", "interrupted")
 
 STAGE_DURATION = Histogram(
     "knotd_stage_duration_seconds",
@@ -84,6 +85,9 @@ def initialise(max_sessions: int) -> None:
     MAX_SESSIONS.set(max_sessions)
     for component in TURN_COMPONENTS:
         TURN_LATENCY.labels(component=component)
+    # A counter's first sample is never counted by rate()/increase(): start every outcome at zero.
+    for outcome in SESSION_OUTCOMES:
+        SESSIONS.labels(outcome=outcome)
 
 
 def render() -> tuple[bytes, str]:

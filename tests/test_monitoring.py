@@ -270,7 +270,7 @@ def status_target(daemon: Any) -> str:
 
 
 async def start_ready_daemon(standin: Any, start_daemon: Any, notify_socket: Any, **sections: str) -> Any:
-    daemon = await start_daemon(standin.url, env={"PYTHONPATH": "/tmp/mon/patched"}, **sections)
+    daemon = await start_daemon(standin.url, **sections)
     await notify_socket.wait_for("READY", timeout=120)
     return daemon
 
@@ -450,9 +450,7 @@ async def test_alerts_follow_a_real_outage(standin, start_daemon, notify_socket,
         await prom.wait_until(prom.rules_evaluated, "every rule evaluated once")
         assert await prom.active_alerts() == {}
 
-        real_url, standin.url = standin.url, room_url
-        job = await standin.dispatch_job("metrics-room")
-        standin.url = real_url
+        job = await standin.dispatch_job("metrics-room", url=room_url)
         assert job.accepted
 
         async def pending(*names: str) -> bool:
@@ -482,7 +480,7 @@ async def test_session_panels_show_numbers_after_a_real_demo_session(model_dir, 
     """
     port = free_port()
     config = write_config(tmp_path, "ws://127.0.0.1:9", model_dir, port)  # the demo never dials LiveKit
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": "/tmp/mon/patched"}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     async with PrometheusServer.running(tmp_path / "prometheus", f"127.0.0.1:{port}") as prom:
         # Scraping (the target still down) before the demo starts, so the first scrape of knotd comes
         # before its session does: a counter's first scraped value never counts in increase().

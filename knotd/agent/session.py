@@ -27,6 +27,7 @@ from livekit.agents.voice import io as voice_io
 
 from knotd import metrics, stages
 from knotd.agent.guardrails import Guardrail, SessionGuard, Verdict, initialise_metrics, record_verdict
+from knotd.agent.llm import initialise_metrics as initialise_llm_metrics
 from knotd.agent.llm import latest_user_message
 from knotd.agent.models import SharedModels
 from knotd.agent.phases import WIRE_TOPIC, PhaseChange, PhaseMachine, PhaseScript
@@ -57,6 +58,7 @@ class AgentResources:
         """Load the guardrail rules and the phase script (raises ConfigError for a bad file)."""
         guardrail = Guardrail.load(settings.guardrails.rules or None)
         initialise_metrics(guardrail)
+        initialise_llm_metrics()
         script = PhaseScript.load(settings.session.phases or None)
         for name in script.phases:
             metrics.PHASE_TRANSITIONS.labels(phase=name)

@@ -120,6 +120,9 @@ install -d -m 0755 "$PKG/usr/bin"
 ln -s "$VENV/bin/knotd" "$PKG/usr/bin/knotd"
 install -D -m 0644 "$SRC/packaging/deb/debian/copyright" "$PKG/usr/share/doc/knotd/copyright"
 [ -f "$SRC/docs/install.md" ] && install -m 0644 "$SRC/docs/install.md" "$PKG/usr/share/doc/knotd/install.md"
+for doc in runbook.md monitoring.md; do
+    [ -f "$SRC/docs/$doc" ] && install -m 0644 "$SRC/docs/$doc" "$PKG/usr/share/doc/knotd/$doc"
+done
 # Dashboards and alert rules, when the tree has them.
 shopt -s nullglob
 grafana=("$SRC"/packaging/grafana/*.json)
