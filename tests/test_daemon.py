@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -10,6 +11,7 @@ import time
 
 import pytest
 
+from knotd.agent.summary import read_records
 from tests.conftest import API_SECRET, free_port
 
 pytestmark = pytest.mark.models
@@ -170,3 +172,33 @@ class _black_hole:
 
     async def __aexit__(self, *exc) -> None:
         self.server.close()
+
+
+async def test_watchdog_pings_come_from_the_main_process(standin, start_daemon, notify_socket):
+    daemon = await start_daemon(standin.url, env={"WATCHDOG_USEC": "1000000"})
+    await notify_socket.wait_for("READY", timeout=120)
+    await asyncio.sleep(2.0)
+    notify_socket.poll()
+    pings = [m for m in notify_socket.messages if "WATCHDOG" in m.fields]
+    assert len(pings) >= 2, "WATCHDOG=1 every half WATCHDOG_USEC"
+    assert {m.pid for m in pings} == {daemon.pid}
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit(timeout=15) == 0
+
+
+async def test_a_session_cut_by_the_drain_bound_still_writes_its_summary(standin, start_daemon, notify_socket,
+                                                                          tmp_path):
+    """1. A session runs (its room never answers). 2. SIGTERM with a 1 s drain bound.
+
+    Result: knotd exits 0 and the session's record is in sessions.jsonl with outcome "drained".
+    """
+    daemon = await start_daemon(standin.url, worker="drain_timeout_s = 1")
+    await notify_socket.wait_for("READY", timeout=120)
+    async with _black_hole() as url:
+        job = await standin.dispatch_job("drained-room", url=url)
+        assert job.accepted
+        await _wait_sessions(daemon, 1)
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait_exit(timeout=60) == 0
+    records = read_records(tmp_path / "state")
+    assert [(r["session_id"], r["room"], r["outcome"]) for r in records] == [(job.job_id, "drained-room", "drained")]
