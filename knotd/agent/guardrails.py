@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import re
 import time
-import tomllib
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from knotd import metrics
+from knotd.datafiles import parse_toml, read_data_file
 from knotd.errors import ConfigError
 
 DIRECTIONS = ("input", "output")
@@ -153,17 +152,8 @@ class Guardrail:
         Raises:
             ConfigError: one line naming the file, the rule and the field that is wrong.
         """
-        if not path:
-            text = resources.files("knotd").joinpath("data/guardrails.toml").read_text(encoding="utf-8")
-            return cls.parse(text, source="<shipped guardrails.toml>")
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError("guardrails.rules", f"file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError("guardrails.rules", f"cannot read {path}: {type(err).__name__}") from None
-        return cls.parse(text, source=str(path))
+        text, source = read_data_file("guardrails.rules", path, "guardrails.toml")
+        return cls.parse(text, source=source)
 
     @classmethod
     def parse(cls, text: str, source: str = "<rules>") -> Guardrail:
@@ -172,10 +162,7 @@ class Guardrail:
         Raises:
             ConfigError: for invalid TOML or an invalid rule.
         """
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError("guardrails.rules", f"invalid TOML: {err}", source) from None
+        data = parse_toml("guardrails.rules", text, source)
         unknown = sorted(set(data) - {"rule"})
         if unknown:
             raise ConfigError("guardrails.rules", f"unknown top-level key {unknown[0]!r} (expected [[rule]])",

@@ -27,14 +27,13 @@ from __future__ import annotations
 import re
 import string
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from knotd.agent.guardrails import TextMatcher, normalize
+from knotd.datafiles import parse_toml, read_data_file
 from knotd.errors import ConfigError, KnotdError
 
 WIRE_TOPIC = "knotd.phase"
@@ -100,17 +99,8 @@ class PhaseScript:
         Raises:
             ConfigError: one line naming the file, the phase and the field that is wrong.
         """
-        if not path:
-            text = resources.files("knotd").joinpath("data/phases.toml").read_text(encoding="utf-8")
-            return cls.parse(text, source="<shipped phases.toml>")
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError("session.phases", f"file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError("session.phases", f"cannot read {path}: {type(err).__name__}") from None
-        return cls.parse(text, source=str(path))
+        text, source = read_data_file("session.phases", path, "phases.toml")
+        return cls.parse(text, source=source)
 
     @classmethod
     def parse(cls, text: str, source: str = "<script>") -> PhaseScript:
@@ -119,10 +109,7 @@ class PhaseScript:
         Raises:
             ConfigError: for invalid TOML or an invalid script.
         """
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError("session.phases", f"invalid TOML: {err}", source) from None
+        data = parse_toml("session.phases", text, source)
         return _parse_script(data, source)
 
     def phase(self, name: str) -> Phase:
