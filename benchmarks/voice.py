@@ -6,7 +6,7 @@ Run from the repository root (needs the [models] extra, espeak-ng and sox; about
 Everything runs against the LiveKit protocol stand-in (tests/livekit_standin.py) in this process:
 
 - start → READY: knotd = `knotd run` as a subprocess, exec → READY=1 on a real NOTIFY_SOCKET; stock = a
-  livekit-agents worker in the original shape (benchmarks/voice_worker.py --shape stock: PROCESS executor,
+  livekit-agents worker in the original shape (benchmarks/workers/voice_worker.py --shape stock: PROCESS executor,
   Whisper loaded per job process in setup_fnc), exec → `worker_registered`, which comes after its idle
   processes are ready.
 - job accepted → session built: the stand-in dispatches a job; from the worker's AvailabilityResponse to a
@@ -190,7 +190,7 @@ async def stop_process(proc: asyncio.subprocess.Process, timeout: float = 20.0) 
 
 
 class ShapeWorker:
-    """benchmarks/voice_worker.py as a subprocess; its stdout milestones land in `events` (wall clock)."""
+    """benchmarks/workers/voice_worker.py as a subprocess; its stdout milestones land in `events` (wall clock)."""
 
     def __init__(self, shape: str, url: str, model_dir: Path, tmp: Path) -> None:
         self.shape, self.url, self.model_dir, self.tmp = shape, url, model_dir, tmp
@@ -205,7 +205,7 @@ class ShapeWorker:
         log = open_log(self.tmp / f"worker-{self.shape}-{time.time():.0f}.log")
         self.spawned_at = time.time()
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "benchmarks.voice_worker", "--shape", self.shape, "--url", self.url,
+            sys.executable, "-m", "benchmarks.workers.voice_worker", "--shape", self.shape, "--url", self.url,
             "--model-dir", str(self.model_dir), "--state-dir", str(state_dir),
             stdout=asyncio.subprocess.PIPE, stderr=log, env=worker_env(), cwd=str(ROOT), start_new_session=True)
         log.close()

@@ -19,8 +19,9 @@ import asyncio
 import functools
 import threading
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine, Protocol
+from typing import Any, Protocol
 
 import structlog
 

@@ -13,8 +13,9 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from knotd import __version__
 from knotd.config import DEFAULT_CONFIG_PATH, Settings, load_settings, public_view

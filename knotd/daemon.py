@@ -151,7 +151,7 @@ class Daemon:
         try:
             with stage("drain", sessions=len(self.state.sessions)):
                 await server.drain(timeout=int(timeout))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("drain_timed_out", timeout_s=timeout, sessions=len(self.state.sessions))
         with stage("worker_close"):
             await server.aclose()

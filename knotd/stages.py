@@ -21,7 +21,7 @@ from knotd import metrics
 log = structlog.get_logger("knotd.pipeline")
 
 _HISTORY_LEN = 200
-_history: collections.deque["StageRecord"] = collections.deque(maxlen=_HISTORY_LEN)
+_history: collections.deque[StageRecord] = collections.deque(maxlen=_HISTORY_LEN)
 _history_lock = threading.Lock()
 
 
@@ -49,7 +49,7 @@ class stage:  # noqa: N801 - used like a function: `with stage("x"):`
         self._start = 0.0
         self.latency_s = 0.0
 
-    def __enter__(self) -> "stage":
+    def __enter__(self) -> stage:
         self._start = time.perf_counter()
         return self
 
@@ -59,7 +59,7 @@ class stage:  # noqa: N801 - used like a function: `with stage("x"):`
         self.latency_s = time.perf_counter() - self._start
         record(self.name, self.latency_s, exc_type, **self.fields)
 
-    async def __aenter__(self) -> "stage":
+    async def __aenter__(self) -> stage:
         return self.__enter__()
 
     async def __aexit__(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 import structlog
 
@@ -34,7 +34,7 @@ class Notifier:
         self._warned: set[str] = set()
 
     @classmethod
-    def from_environ(cls, environ: MutableMapping[str, str] | None = None) -> "Notifier":
+    def from_environ(cls, environ: MutableMapping[str, str] | None = None) -> Notifier:
         """Read NOTIFY_SOCKET and the watchdog settings once, and remove them from the environment.
 
         livekit job threads and any subprocess must never notify on the daemon's behalf (the unit has

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from livekit.agents import AgentServer, JobContext, JobExecutorType
 
@@ -71,7 +71,7 @@ class ConnectionWatch(logging.Handler):
         if isinstance(record.msg, str) and record.msg.startswith(RETRY_MESSAGE_PREFIX):
             self._on_lost()
 
-    def __enter__(self) -> "ConnectionWatch":
+    def __enter__(self) -> ConnectionWatch:
         self._logger.addHandler(self)
         return self
 

@@ -333,7 +333,7 @@ class LiveKitStandIn:
             pass  # the worker went away mid-handshake; the worker-side logs say why
         finally:
             self._workers.pop(worker.worker_id, None)
-            for job_id, (owner, answer) in list(self._pending.items()):
+            for owner, answer in list(self._pending.values()):
                 if owner == worker.worker_id and not answer.done():
                     answer.set_exception(ConnectionError(f"worker {owner} disconnected"))
             self._notify()

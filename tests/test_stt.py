@@ -139,5 +139,5 @@ def test_two_sessions_recognize_at_once_with_one_model(settings):
     with ThreadPoolExecutor(max_workers=len(clips)) as pool:
         texts = [f.result(timeout=120) for f in [pool.submit(session, clip) for clip in clips]]
 
-    for clip, text in zip(clips, texts):
+    for clip, text in zip(clips, texts, strict=True):
         assert contains_words(text, clip.key_words), texts

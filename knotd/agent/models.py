@@ -17,10 +17,10 @@ import importlib.util
 import os
 import shutil
 import threading
-from concurrent.futures import Future
 import warnings
 import wave
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,7 +112,8 @@ def prepare_whisper_base(dest: Path, *, force: bool = False) -> Path:
         # Replacing means deleting: never do that to a directory that is not a model (e.g. a state dir).
         raise ModelError(f"{dest} exists and is not a whisper model directory; refusing to replace it")
     part_dirs = [_package_data_dir(module) for module in _BASE_PACKAGES]
-    sources = [d / name for d, name in zip(part_dirs, _BASE_PARTS)] + [part_dirs[0] / n for n in _BASE_SIDE_FILES]
+    parts = [d / name for d, name in zip(part_dirs, _BASE_PARTS, strict=True)]
+    sources = parts + [part_dirs[0] / n for n in _BASE_SIDE_FILES]
     for src in sources:
         if not src.is_file():
             raise ModelError(f"the Whisper base model package is incomplete: {src} is missing; "

@@ -11,8 +11,9 @@ import json
 import os
 import statistics
 import threading
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 _append_lock = threading.Lock()
 

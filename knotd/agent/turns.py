@@ -8,7 +8,8 @@ the end of user speech to the moment the audio output reports its first frame pl
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from knotd import metrics
 

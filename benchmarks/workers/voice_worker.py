@@ -1,6 +1,6 @@
 """A LiveKit agent worker in one of two shapes, for `benchmarks/voice.py` (not meant to be run by hand).
 
-    python -m benchmarks.voice_worker --shape knotd|stock --url ws://… --model-dir DIR --state-dir DIR
+    python -m benchmarks.workers.voice_worker --shape knotd|stock --url ws://… --model-dir DIR --state-dir DIR
 
 (from the repository root, with LIVEKIT_API_KEY / LIVEKIT_API_SECRET in the environment).
 
