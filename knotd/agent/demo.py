@@ -33,8 +33,10 @@ log = structlog.get_logger(__name__)
 REPLY_TIMEOUT_S = 60.0
 
 
-def bundled_request() -> Path:
-    return Path(str(importlib_resources.files("knotd").joinpath("data/demo_de.wav")))
+def bundled_requests() -> list[Path]:
+    """The demo's German answers (espeak-ng): consent, then where the knot is."""
+    data = importlib_resources.files("knotd").joinpath("data")
+    return [Path(str(data.joinpath(name))) for name in ("demo_de_1.wav", "demo_de_2.wav")]
 
 
 class DemoError(KnotdError):
@@ -56,7 +58,7 @@ async def run_demo(
 
     register_plugins()
 
-    clips_paths = [audio] if isinstance(audio, Path) else list(audio or []) or [bundled_request()]
+    clips_paths = [audio] if isinstance(audio, Path) else list(audio or []) or bundled_requests()
     clips = []
     for path in clips_paths:
         try:

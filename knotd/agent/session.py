@@ -158,7 +158,7 @@ class KnotencheckSession:
         self.turns = TurnObserver(lambda turn: state.turn_completed(session_id, turn))
         self.transcript: list[dict[str, str]] = []
         self.speeches: dict[str, int] = {}
-        self._input_hits: set[str] = set()
+        self._input_checked: set[str] = set()
         self.room: rtc.Room | None = None
         self._finished: dict[str, Any] | None = None
         self._closed = asyncio.Event()
@@ -283,10 +283,12 @@ class KnotencheckSession:
 
     def check_input(self, message: llm.ChatMessage) -> Verdict:
         """Input guard on a final user message (once per message id); a redirect moves the phase."""
+        if message.id in self._input_checked:  # a voice turn, checked in on_user_turn_completed already
+            return self.guard.check_input(message.text_content or "", key=message.id)
+        self._input_checked.add(message.id)
         with stage("input_guard"):
             verdict = self.guard.check_input(message.text_content or "", key=message.id)
-        if not verdict.allowed and message.id not in self._input_hits:
-            self._input_hits.add(message.id)
+        if not verdict.allowed:
             self.guard_hit("input", verdict)
             if verdict.phase and self.machine.can_advance(verdict.phase):
                 self.machine.advance(verdict.phase)
