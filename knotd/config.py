@@ -99,6 +99,9 @@ class SttSettings:
     # Longest encoder window knotd feeds Whisper for one utterance; shorter utterances get a shorter bucket.
     max_window_s: float = 30.0
     self_test: bool = True
+    # Start transcribing at the first short pause, before the VAD ends the turn; drop it if the user goes on.
+    speculative: bool = True
+    speculative_silence_s: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "stt.num_workers": (1, 16),
     "stt.cpu_threads": (0, 64),
     "stt.max_window_s": (5, 30),
+    "stt.speculative_silence_s": (0.05, 1.0),
     "turn.min_endpointing_delay_s": (0, 10),
     "turn.max_endpointing_delay_s": (0, 30),
     "llm.max_tokens": (1, 8192),

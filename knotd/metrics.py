@@ -20,6 +20,7 @@ TURN_COMPONENTS = ("eou", "stt", "llm_ttft", "tts_ttfb", "e2e")
 GUARD_DIRECTIONS = ("input", "output")
 TASK_OUTCOMES = ("ok", "failed", "cancelled")
 SESSION_OUTCOMES = ("completed", "disconnected", "error", "drained", "interrupted")
+SPECULATIVE_RESULTS = ("used", "discarded")
 
 STAGE_DURATION = Histogram(
     "knotd_stage_duration_seconds",
@@ -32,6 +33,12 @@ TURN_LATENCY = Histogram(
     "Per-turn latency by component; e2e is end of user speech to the first agent audio frame.",
     ["component"],
     buckets=TURN_BUCKETS,
+)
+STT_SPECULATIVE = Counter(
+    "knotd_stt_speculative_total",
+    "Transcriptions started at the user's first pause before the turn ended: used as the turn's transcript, "
+    "or discarded because the user went on speaking.",
+    ["result"],
 )
 GUARDRAIL_CHECKS = Counter(
     "knotd_guardrail_checks_total",
@@ -88,6 +95,8 @@ def initialise(max_sessions: int) -> None:
     # A counter's first sample is never counted by rate()/increase(): start every outcome at zero.
     for outcome in SESSION_OUTCOMES:
         SESSIONS.labels(outcome=outcome)
+    for result in SPECULATIVE_RESULTS:
+        STT_SPECULATIVE.labels(result=result)
 
 
 def render() -> tuple[bytes, str]:

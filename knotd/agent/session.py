@@ -164,7 +164,7 @@ class KnotencheckSession:
         self._closed = asyncio.Event()
         self._finish_lock = asyncio.Lock()
         with stage("stt_init", shared=True):
-            stt = WhisperSTT(resources.models.whisper, settings.stt)
+            stt = WhisperSTT(resources.models.whisper, settings.stt, vad=resources.models.vad)
         with stage("llm_init"):
             self.llm = build_llm(settings.llm, self.machine)
         self.tts = build_tts(settings.tts)  # times itself as the tts_init stage

@@ -1,22 +1,42 @@
-"""Speech to text with faster-whisper behind livekit's STT ABC.
+"""Speech to text with faster-whisper behind livekit's STT ABC, transcribing speculatively.
 
-`WhisperSTT` is a non-streaming livekit STT around the daemon's shared WhisperModel: the session's VAD cuts
-the utterances, this module turns each into 16 kHz mono and hands it to `knotd.agent.whisper`, which feeds
-the encoder a window sized to the utterance (see there for why and how).
+`WhisperSTT` wraps the daemon's shared WhisperModel; `knotd.agent.whisper` turns each utterance into text
+with an encoder window sized to it. How utterances are cut depends on `stt.speculative`:
 
-This module does not load the model (see `knotd.agent.models`) and does not detect speech (VAD does).
+- speculative (default): `WhisperSTT` is a streaming STT. Its `SpeculativeStream` runs its own Silero
+  stream (on the session VAD's model) with a short silence threshold (`stt.speculative_silence_s`) and
+  starts transcribing as soon as that sees the user pause, while the session's VAD is still waiting for
+  its longer silence before it ends the turn. If the user stays silent, the transcript is already there
+  (or nearly) when the turn ends; if they go on speaking, the early transcript is dropped and the whole
+  utterance is transcribed at the next pause. `knotd_stt_speculative_total{result}` counts both.
+- not speculative: a non-streaming STT; livekit wraps it in its StreamAdapter, which starts transcribing
+  only when the session's VAD reports the end of speech.
+
+The turn ends when the session's VAD has seen its silence and a final transcript is there. livekit (VAD
+turn detection) asks the stream for that transcript with a flush at the VAD's end of speech
+(`capabilities.manual_flush`); the stream also hands it over by itself once its own VAD has seen as much
+silence as the session's, for turn modes that never flush.
+
+This module does not load models (see `knotd.agent.models`) and does not decide when a turn ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
+import structlog
 from faster_whisper import WhisperModel
 from livekit import rtc
 from livekit.agents import APIError, stt, utils
+from livekit.agents import vad as lk_vad
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
 
+from knotd import metrics
 from knotd.agent.whisper import (
     STOCK_WINDOW_S,
     WHISPER_SAMPLE_RATE,
@@ -26,8 +46,13 @@ from knotd.agent.whisper import (
 )
 from knotd.config import SttSettings
 
-__all__ = ["STOCK_WINDOW_S", "WINDOW_BUCKETS_S", "Transcript", "WhisperSTT", "WhisperTranscriber",
-           "frame_to_whisper_input"]
+__all__ = ["STOCK_WINDOW_S", "WINDOW_BUCKETS_S", "SpeculativeStream", "Transcript", "WhisperSTT",
+           "WhisperTranscriber", "frame_to_whisper_input", "speculative_vad"]
+
+log = structlog.get_logger(__name__)
+
+# Silero's inference window at 16 kHz; a flush is due once the VAD has run over all but this much audio.
+_VAD_WINDOW_S = 512 / 16000
 
 
 def frame_to_whisper_input(frame: rtc.AudioFrame) -> np.ndarray:
@@ -43,16 +68,44 @@ def frame_to_whisper_input(frame: rtc.AudioFrame) -> np.ndarray:
     return samples.astype(np.float32) / 32768.0
 
 
-class WhisperSTT(stt.STT):
-    """livekit STT (non-streaming) around a shared WhisperModel; the session's VAD cuts the utterances."""
+def speculative_vad(session_vad: lk_vad.VAD, min_silence_s: float) -> lk_vad.VAD:
+    """A Silero VAD like `session_vad` (same loaded model, same thresholds) that ends speech after `min_silence_s`.
 
-    def __init__(self, model: WhisperModel, settings: SttSettings, *, model_name: str | None = None) -> None:
+    Raises:
+        TypeError: `session_vad` is not livekit's Silero VAD.
+    """
+    from livekit.plugins import silero  # registered on the main thread by knotd.agent.register_plugins()
+
+    if not isinstance(session_vad, silero.VAD):
+        raise TypeError(f"speculative transcription needs the Silero VAD, not {type(session_vad).__name__}")
+    # The plugin has no public way to derive a VAD; its constructor takes the loaded ONNX session, so the
+    # model is shared (every stream keeps its own state), as livekit shares it between sessions.
+    opts = dataclasses.replace(session_vad._opts, min_silence_duration=min_silence_s)
+    return silero.VAD(session=session_vad._onnx_session, opts=opts)
+
+
+class WhisperSTT(stt.STT):
+    """livekit STT around a shared WhisperModel: streaming and speculative when given a VAD, else not."""
+
+    def __init__(self, model: WhisperModel, settings: SttSettings, *, vad: lk_vad.VAD | None = None,
+                 model_name: str | None = None) -> None:
         """Cheap: builds views on the already loaded `model`.
 
         Args:
+            vad: the session's VAD; with it and `settings.speculative`, transcription is speculative
+                (see the module docstring). Without it livekit cuts utterances with the session's VAD.
             model_name: reported in livekit's STT metrics; defaults to the model directory's name.
         """
-        super().__init__(capabilities=stt.STTCapabilities(streaming=False, interim_results=False))
+        self._spec_vad: lk_vad.VAD | None = None
+        self._release_silence_s = 0.0
+        if vad is not None and settings.speculative:
+            self._spec_vad = speculative_vad(vad, settings.speculative_silence_s)
+            # Hand a held transcript over unasked once the user was as long silent as the session's VAD needs.
+            self._release_silence_s = float(getattr(vad, "min_silence_duration", None) or 0.55)
+        super().__init__(capabilities=stt.STTCapabilities(
+            streaming=self._spec_vad is not None, interim_results=False,
+            manual_flush=self._spec_vad is not None,
+        ))
         self._transcriber = WhisperTranscriber(model, settings)
         self._model_name = model_name or settings.model.rstrip("/").rsplit("/", 1)[-1]
 
@@ -68,9 +121,22 @@ class WhisperSTT(stt.STT):
     def transcriber(self) -> WhisperTranscriber:
         return self._transcriber
 
+    @property
+    def speculative(self) -> bool:
+        """Whether `stream()` transcribes speculatively (else livekit's StreamAdapter cuts utterances)."""
+        return self._spec_vad is not None
+
     def transcribe_pcm(self, pcm: np.ndarray, *, language: str | None = None) -> Transcript:
         """Transcribe 16 kHz mono float32 audio (blocking); see `WhisperTranscriber.transcribe_pcm`."""
         return self._transcriber.transcribe_pcm(pcm, language=language)
+
+    def stream(self, *, language: NotGivenOr[str] = NOT_GIVEN,
+               conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> stt.RecognizeStream:
+        if self._spec_vad is None:
+            return super().stream(language=language, conn_options=conn_options)  # raises NotImplementedError
+        return SpeculativeStream(self, self._spec_vad, release_silence_s=self._release_silence_s,
+                                 language=language if utils.is_given(language) else None,
+                                 conn_options=conn_options)
 
     async def _recognize_impl(
         self,
@@ -80,20 +146,185 @@ class WhisperSTT(stt.STT):
         conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
     ) -> stt.SpeechEvent:
         frames = buffer if isinstance(buffer, list) else [buffer]
-        forced = language if utils.is_given(language) else None
-        if frames:
-            try:
-                result = await asyncio.to_thread(self._recognize_blocking, rtc.combine_audio_frames(frames), forced)
-            except (RuntimeError, ValueError) as err:  # CTranslate2 and numpy failures
-                raise APIError(f"whisper transcription failed: {type(err).__name__}: {err}",
-                               retryable=False) from err
-        else:
-            result = Transcript("", forced or self._transcriber.settings.language, 0)
+        result = await self.transcribe_frames(frames, language if utils.is_given(language) else None)
         return stt.SpeechEvent(
             type=stt.SpeechEventType.FINAL_TRANSCRIPT,
             request_id=utils.shortuuid("stt_"),
             alternatives=[stt.SpeechData(language=result.language, text=result.text)],
         )
 
+    async def transcribe_frames(self, frames: list[rtc.AudioFrame], language: str | None) -> Transcript:
+        """Transcribe audio frames off the event loop.
+
+        Raises:
+            APIError: CTranslate2 or numpy failed (not retryable).
+        """
+        if not frames:
+            return Transcript("", language or self._transcriber.settings.language, 0)
+        try:
+            return await asyncio.to_thread(self._recognize_blocking, rtc.combine_audio_frames(frames), language)
+        except (RuntimeError, ValueError) as err:  # CTranslate2 and numpy failures
+            raise APIError(f"whisper transcription failed: {type(err).__name__}: {err}",
+                           retryable=False) from err
+
     def _recognize_blocking(self, frame: rtc.AudioFrame, language: str | None) -> Transcript:
         return self._transcriber.transcribe_pcm(frame_to_whisper_input(frame), language=language)
+
+
+@dataclass
+class _Transcription:
+    """One utterance being transcribed: the session gets it once released, in release order."""
+
+    task: asyncio.Task[Transcript]
+    audio_s: float
+    speech_end_time: float  # wall clock
+    speculative: bool  # started at a pause of our VAD (not because the session asked mid-speech)
+
+
+class SpeculativeStream(stt.RecognizeStream):
+    """Cuts utterances with its own short-silence VAD stream and transcribes each at the first pause.
+
+    Events, in livekit's order for a streaming STT: START_OF_SPEECH when an utterance opens; END_OF_SPEECH,
+    FINAL_TRANSCRIPT (possibly empty) and RECOGNITION_USAGE when its transcript is handed over.
+
+    An utterance is handed over (released) when the session flushes (its VAD saw the end of speech), or
+    when our VAD has seen `release_silence_s` of silence. Until then a transcript started at a pause is
+    held; if the user speaks again first it is dropped and the utterance goes on. A flush while our VAD
+    still hears speech (a manual commit) transcribes what there is at once.
+    """
+
+    def __init__(self, owner: WhisperSTT, spec_vad: lk_vad.VAD, *, release_silence_s: float,
+                 language: str | None, conn_options: APIConnectOptions) -> None:
+        super().__init__(stt=owner, conn_options=conn_options)
+        self._owner = owner
+        self._vad = spec_vad
+        self._release_silence_s = release_silence_s
+        self._language = language
+        self._reset()
+
+    def _reset(self) -> None:
+        self._utterance: list[rtc.AudioFrame] | None = None  # the open utterance's audio
+        self._speaking = False  # our VAD's view
+        self._held: _Transcription | None = None  # started at our VAD's end of speech, not released
+        self._released: asyncio.Queue[_Transcription | None] = asyncio.Queue()
+        self._pushed = 0  # input samples given to our VAD
+        self._processed = 0  # input samples our VAD has run over
+        self._flushes: deque[int] = deque()  # self._pushed at each flush, waiting for the VAD to catch up
+        self._flush_slack = 0
+
+    async def _run(self) -> None:
+        self._reset()
+        vad_stream = self._vad.stream()
+        tasks = [
+            asyncio.create_task(self._feed(vad_stream), name="knotd_stt_feed"),
+            asyncio.create_task(self._follow(vad_stream), name="knotd_stt_follow"),
+            asyncio.create_task(self._hand_over(), name="knotd_stt_hand_over"),
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            await utils.aio.cancel_and_wait(*tasks)
+            await vad_stream.aclose()
+            leftovers = [self._held] if self._held is not None else []
+            while not self._released.empty():
+                leftovers.append(self._released.get_nowait())
+            for transcription in leftovers:
+                if transcription is not None:
+                    _forget(transcription)
+
+    async def _feed(self, vad_stream: lk_vad.VADStream) -> None:
+        async for item in self._input_ch:
+            if isinstance(item, self._FlushSentinel):
+                # Flushes come in audio order: act once our VAD has heard the audio before this one.
+                self._flushes.append(self._pushed)
+                self._check_flushes()
+                continue
+            if not self._flush_slack:
+                self._flush_slack = 2 * int(_VAD_WINDOW_S * item.sample_rate)
+            vad_stream.push_frame(item)
+            self._pushed += item.samples_per_channel
+        vad_stream.end_input()
+
+    async def _follow(self, vad_stream: lk_vad.VADStream) -> None:
+        async for ev in vad_stream:
+            if ev.type == lk_vad.VADEventType.INFERENCE_DONE:
+                self._on_inference(ev)
+            elif ev.type == lk_vad.VADEventType.START_OF_SPEECH:
+                self._on_speech_started(ev)
+            elif ev.type == lk_vad.VADEventType.END_OF_SPEECH:
+                self._on_speech_ended(ev)
+        # The input ended: whatever was said goes to the session.
+        if self._held is None and self._utterance:
+            self._held = self._transcribe(self._utterance, time.time(), speculative=False)
+        if self._held is not None:
+            self._release()
+        self._released.put_nowait(None)
+
+    def _on_inference(self, ev: lk_vad.VADEvent) -> None:
+        if self._utterance is not None:
+            self._utterance.extend(ev.frames)
+        self._processed += sum(f.samples_per_channel for f in ev.frames)
+        if self._held is not None and ev.raw_accumulated_silence >= self._release_silence_s:
+            self._release()
+        self._check_flushes()
+
+    def _on_speech_started(self, ev: lk_vad.VADEvent) -> None:
+        self._speaking = True
+        if self._utterance is None:
+            self._utterance = list(ev.frames)  # Silero's prefix padding and the speech so far
+            self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH))
+        elif self._held is not None:
+            # The user went on before the session's VAD ended the turn: the early transcript would miss
+            # the rest. The utterance's audio (with the pause) keeps growing and is transcribed whole.
+            _forget(self._held)
+            self._held = None
+            metrics.STT_SPECULATIVE.labels(result="discarded").inc()
+
+    def _on_speech_ended(self, ev: lk_vad.VADEvent) -> None:
+        self._speaking = False
+        if self._utterance and self._held is None:
+            speech_end = time.time() - ev.silence_duration - ev.inference_duration
+            self._held = self._transcribe(list(self._utterance), speech_end, speculative=True)
+
+    def _check_flushes(self) -> None:
+        while self._flushes and self._processed + self._flush_slack >= self._flushes[0]:
+            self._flushes.popleft()
+            if self._held is None and self._utterance and self._speaking:
+                self._held = self._transcribe(list(self._utterance), time.time(), speculative=False)
+            if self._held is not None:
+                self._release()
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        assert held is not None
+        if held.speculative:
+            metrics.STT_SPECULATIVE.labels(result="used").inc()
+        # Still speaking (a flush mid-speech): what follows is a new utterance.
+        self._utterance = [] if self._speaking else None
+        self._released.put_nowait(held)
+
+    def _transcribe(self, frames: list[rtc.AudioFrame], speech_end_time: float, *,
+                    speculative: bool) -> _Transcription:
+        task = asyncio.create_task(self._owner.transcribe_frames(frames, self._language),
+                                   name="knotd_stt_transcribe")
+        return _Transcription(task, sum(f.duration for f in frames), speech_end_time, speculative)
+
+    async def _hand_over(self) -> None:
+        while (item := await self._released.get()) is not None:
+            result = await item.task  # an APIError ends the stream; livekit then opens a new one
+            request_id = utils.shortuuid("stt_")
+            self._event_ch.send_nowait(stt.SpeechEvent(
+                type=stt.SpeechEventType.END_OF_SPEECH, request_id=request_id,
+                speech_end_time=item.speech_end_time))
+            self._event_ch.send_nowait(stt.SpeechEvent(
+                type=stt.SpeechEventType.FINAL_TRANSCRIPT, request_id=request_id,
+                alternatives=[stt.SpeechData(language=result.language, text=result.text)],
+                speech_end_time=item.speech_end_time))
+            self._event_ch.send_nowait(stt.SpeechEvent(
+                type=stt.SpeechEventType.RECOGNITION_USAGE, request_id=request_id,
+                recognition_usage=stt.RecognitionUsage(audio_duration=item.audio_s)))
+
+
+def _forget(transcription: _Transcription) -> None:
+    """Drop a transcription whose result nobody will read (the thread runs on; its error is not news)."""
+    transcription.task.add_done_callback(lambda t: t.cancelled() or t.exception())

@@ -1,9 +1,21 @@
 """Per-turn latency, observed live from livekit's ``ChatMessage.metrics`` as each message is added.
 
 A user message carries ``end_of_turn_delay`` (eou) and ``transcription_delay`` (stt); the assistant message
-that answers it carries ``llm_node_ttft``, ``tts_node_ttfb`` and ``e2e_latency``. livekit measures e2e from
-the end of user speech to the moment the audio output reports its first frame played
-(``on_playback_started``), which is what a person hears, not the LLM's first token.
+that answers it carries ``llm_node_ttft``, ``tts_node_ttfb`` and ``e2e_latency``. The components:
+
+- eou: end of user speech → turn committed (the VAD's silence, endpointing, waiting for the transcript);
+- stt: end of user speech → final transcript. Part of eou, not added to it;
+- llm_ttft: LLM request → first token; tts_ttfb: first sentence at the TTS → its first audio;
+- e2e: end of user speech → the first agent audio frame handed to the output (the room's audio track, or
+  the local speaker): livekit takes it from the output's ``on_playback_started``, so it is what a person
+  hears, not the LLM's first token.
+
+So e2e = eou + llm_ttft + tts_ttfb + the hand-offs between them (input guard, scheduling, the rest of the
+first sentence after the first token, forwarding audio): a few milliseconds with the scripted LLM and
+espeak-ng, more with an LLM that streams its first sentence slowly (tests/test_latency.py checks the sum).
+"End of user speech" is where the session's Silero VAD puts it; its smoothed speech probability lags the
+last audible sound by roughly 30–110 ms (espeak-ng speech), so what the user perceives is about that much
+longer than e2e.
 """
 
 from __future__ import annotations
