@@ -86,7 +86,7 @@ case "$cmd" in
         apt_install "${APT_RUNTIME[@]}"
         venv "test,models"
         model
-        for script in benchmarks/*.py; do say "$script"; "$VENV/bin/python" "$script"; done
+        for script in benchmarks/[!_]*.py; do say "$script"; "$VENV/bin/python" "$script"; done
         ;;
     *)
         sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'

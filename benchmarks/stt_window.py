@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -28,21 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.audio`
 
 import numpy as np
 
+from benchmarks._machine import describe as describe_machine
 from knotd.agent.stt import STOCK_WINDOW_S, WhisperTranscriber
 from knotd.config import SttSettings
 from tests.audio import CLIPS, LONG_CLIPS, load_clip, whisper_base_dir, word_error_rate
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return describe_machine()
 
 
 def timed(transcriber: WhisperTranscriber, pcm: np.ndarray, window_s: int | None) -> tuple[float, str, int]:

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))  # `tests.audio` when run as a script
 
 import numpy as np  # noqa: E402
 
+from benchmarks._machine import describe as describe_machine
 from tests.audio import CLIPS, cached_clip, whisper_base_dir, word_error_rate  # noqa: E402
 
 COMPONENTS = ("eou", "stt", "llm_ttft", "tts_ttfb", "rest", "e2e", "heard_e2e")
@@ -48,16 +48,7 @@ AUDIBLE = 500
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}")
+    return describe_machine()
 
 
 def load_average() -> str:

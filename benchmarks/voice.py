@@ -48,6 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._machine import cpu_model
 from tests.audio import CLIPS, cached_clip, read_wav, whisper_base_dir, word_error_rate
 from tests.conftest import API_KEY, API_SECRET, NotifySocket, free_port, write_config
 from tests.livekit_standin import LiveKitStandIn
@@ -68,14 +69,6 @@ TARGETS = {
 
 
 # -- the machine and its processes ------------------------------------------------------------------------
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def load_average() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 

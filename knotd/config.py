@@ -14,9 +14,10 @@ import dataclasses
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from knotd.errors import ConfigError
@@ -256,7 +257,7 @@ def load_settings(
             continue
         section_raw = raw.pop(f.name, {})
         if not isinstance(section_raw, dict):
-            raise ConfigError(f.name, "must be a table ([%s])" % f.name, locate(f.name, None))
+            raise ConfigError(f.name, f"must be a table ([{f.name}])", locate(f.name, None))
         sections[f.name] = _build_section(f.name, f.default_factory, section_raw, locate)  # type: ignore[arg-type]
     if raw:
         name = sorted(raw)[0]
