@@ -102,7 +102,7 @@ class SttSettings:
     self_test: bool = True
     # Start transcribing at the first short pause, before the VAD ends the turn; drop it if the user goes on.
     speculative: bool = True
-    speculative_silence_s: float = 0.2
+    speculative_silence_s: float = 0.1
 
 
 @dataclass(frozen=True)
