@@ -103,6 +103,10 @@ class SttSettings:
     # Start transcribing at the first short pause, before the VAD ends the turn; drop it if the user goes on.
     speculative: bool = True
     speculative_silence_s: float = 0.1
+    # Tell Whisper the question just asked and the words the phase expects (phases.toml: recognition).
+    context: bool = True
+    # A prompted transcript is dropped when Whisper thinks it this likely that nothing was said.
+    no_speech_threshold: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "stt.cpu_threads": (0, 64),
     "stt.max_window_s": (5, 30),
     "stt.speculative_silence_s": (0.05, 1.0),
+    "stt.no_speech_threshold": (0.0, 1.0),
     "turn.min_endpointing_delay_s": (0, 10),
     "turn.max_endpointing_delay_s": (0, 30),
     "llm.max_tokens": (1, 8192),

@@ -21,6 +21,7 @@ GUARD_DIRECTIONS = ("input", "output")
 TASK_OUTCOMES = ("ok", "failed", "cancelled")
 SESSION_OUTCOMES = ("completed", "disconnected", "error", "drained", "interrupted")
 SPECULATIVE_RESULTS = ("used", "discarded")
+STT_DROP_REASONS = ("echo", "no_speech", "repetition")
 
 STAGE_DURATION = Histogram(
     "knotd_stage_duration_seconds",
@@ -39,6 +40,11 @@ STT_SPECULATIVE = Counter(
     "Transcriptions started at the user's first pause before the turn ended: used as the turn's transcript, "
     "or discarded because the user went on speaking.",
     ["result"],
+)
+STT_DROPPED = Counter(
+    "knotd_stt_dropped_total",
+    "Prompted transcripts dropped as not the caller's words: an echo of the prompt, no speech, or a decoder loop.",
+    ["reason"],
 )
 GUARDRAIL_CHECKS = Counter(
     "knotd_guardrail_checks_total",
@@ -97,6 +103,8 @@ def initialise(max_sessions: int) -> None:
         SESSIONS.labels(outcome=outcome)
     for result in SPECULATIVE_RESULTS:
         STT_SPECULATIVE.labels(result=result)
+    for reason in STT_DROP_REASONS:
+        STT_DROPPED.labels(reason=reason)
 
 
 def render() -> tuple[bytes, str]:

@@ -157,6 +157,7 @@ class KnotencheckSession:
         self.machine.add_listener(self._on_phase_change)
         self.turns = TurnObserver(lambda turn: state.turn_completed(session_id, turn))
         self.transcript: list[dict[str, str]] = []
+        self.agent_line = ""  # what the agent said last: the question the caller is answering
         self.speeches: dict[str, int] = {}
         self._input_checked: set[str] = set()
         self.room: rtc.Room | None = None
@@ -164,7 +165,8 @@ class KnotencheckSession:
         self._closed = asyncio.Event()
         self._finish_lock = asyncio.Lock()
         with stage("stt_init", shared=True):
-            stt = WhisperSTT(resources.models.whisper, settings.stt, vad=resources.models.vad)
+            stt = WhisperSTT(resources.models.whisper, settings.stt, vad=resources.models.vad,
+                             prompt=self.recognition_prompt if settings.stt.context else None)
         with stage("llm_init"):
             self.llm = build_llm(settings.llm, self.machine)
         self.tts = build_tts(settings.tts)  # times itself as the tts_init stage
@@ -232,6 +234,8 @@ class KnotencheckSession:
         if role is None:
             return
         self.turns.on_message(role, getattr(item, "metrics", None))
+        if role == "assistant" and item.text_content:
+            self.agent_line = item.text_content
         if self.resources.settings.session.record_transcripts and role in ("user", "assistant"):
             self.transcript.append({"role": role, "text": item.text_content or "", "at": round(time.time(), 3)})
 
@@ -280,6 +284,13 @@ class KnotencheckSession:
         await participant.set_attributes(self.machine.wire_attributes())
         await participant.publish_data(payload, reliable=True, topic=WIRE_TOPIC,
                                        destination_identities=to or [])
+
+    def recognition_prompt(self) -> str | None:
+        """Whisper's context for the caller's next words: the agent's last line and the phase's expected words."""
+        recognition = self.machine.phase.recognition
+        if recognition is not None:
+            return recognition.prompt(self.agent_line or self.machine.line())
+        return self.agent_line or None
 
     def check_input(self, message: llm.ChatMessage) -> Verdict:
         """Input guard on a final user message (once per message id); a redirect moves the phase."""
