@@ -175,9 +175,12 @@ def have_model_packages() -> bool:
 # Silence around the demo request lets the VAD see the end of speech without a caller padding it.
 BUNDLED: dict[str, tuple[str, float, float]] = {  # file name: (text, leading s, trailing s of silence)
     "selftest_de.wav": ("Hallo, ich möchte den Knotencheck starten.", 0.1, 0.2),
-    # `knotd demo` says these two after the greeting: consent, then the answer to the first check step.
+    # `knotd demo` says these after the greeting: consent, then the answers to the four check steps.
     "demo_de_1.wav": ("Guten Tag. Ja, ich bin einverstanden.", 0.3, 1.5),
-    "demo_de_2.wav": ("Er sitzt am Hals, neben dem Kehlkopf.", 0.3, 1.5),
+    "demo_de_2.wav": ("Am Hals, neben dem Kehlkopf.", 0.3, 1.5),
+    "demo_de_3.wav": ("Etwa so groß wie eine Kirsche.", 0.3, 1.5),
+    "demo_de_4.wav": ("Ich habe ihn vor drei Wochen bemerkt.", 0.3, 1.5),
+    "demo_de_5.wav": ("Er ist größer geworden, aber er schmerzt nicht.", 0.3, 1.5),
 }
 
 

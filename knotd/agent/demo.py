@@ -34,9 +34,9 @@ REPLY_TIMEOUT_S = 60.0
 
 
 def bundled_requests() -> list[Path]:
-    """The demo's German answers (espeak-ng): consent, then where the knot is."""
+    """The demo's German answers (espeak-ng): consent, then where the knot is, its size, since when, changes."""
     data = importlib_resources.files("knotd").joinpath("data")
-    return [Path(str(data.joinpath(name))) for name in ("demo_de_1.wav", "demo_de_2.wav")]
+    return [Path(str(data.joinpath(f"demo_de_{n}.wav"))) for n in range(1, 6)]
 
 
 class DemoError(KnotdError):

@@ -265,6 +265,24 @@ class PhaseMachine:
         self.commit(reply)
         return reply
 
+    def recognised_answers(self, *, with_values: bool) -> dict[str, dict[str, Any]]:
+        """The answers to phases with a recognition context, by field, in script order.
+
+        Each is ``{"understood": bool}`` (it named one of the expected terms), plus with ``with_values`` the
+        normalised answer: ``{"understood": true, "answer": "Hals, Kehlkopf"}`` (None when not understood).
+        Phases the caller never answered are left out.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for phase in self.script.phases.values():
+            if phase.recognition is None or phase.name not in self._answers:
+                continue
+            value = phase.recognition.normalise(self._answers[phase.name])
+            entry: dict[str, Any] = {"understood": value is not None}
+            if with_values:
+                entry["answer"] = value
+            out[phase.recognition.field] = entry
+        return out
+
     def line(self) -> str:
         """The current phase's line (its question), with answers filled in."""
         return self._line(self.current, self._answers)

@@ -26,8 +26,9 @@ from knotd.errors import ConfigError
 # Whisper reads at most 223 prompt tokens; a long agent line keeps its end (the question comes last).
 MAX_QUESTION_CHARS = 300
 
+# "ein/eine/einer …" are left out: mostly articles ("wie eine Kirsche"), and "einer Woche" says it anyway.
 NUMBERS = {
-    "ein": 1, "eine": 1, "einen": 1, "einem": 1, "einer": 1, "zwei": 2, "drei": 3, "vier": 4, "fuenf": 5,
+    "zwei": 2, "drei": 3, "vier": 4, "fuenf": 5,
     "sechs": 6, "sieben": 7, "acht": 8, "neun": 9, "zehn": 10, "elf": 11, "zwoelf": 12, "halben": 0.5,
 }
 NEGATIONS = frozenset({"nicht", "kein", "keine", "keinen", "keiner", "nichts", "nie"})
@@ -87,11 +88,12 @@ class Recognition:
             before = [tok for _, tok in tokens[max(0, index - 2):index]]
             after = tokens[index + 1][1] if index + 1 < len(tokens) else ""
             part = word
-            if before and (before[-1].isdigit() or before[-1] in NUMBERS) and before[-1] not in ("ein", "eine"):
+            if before and (before[-1].isdigit() or before[-1] in NUMBERS):
                 number = before[-1] if before[-1].isdigit() else _number(NUMBERS[before[-1]])
                 part = f"{number} {word}"
-            negation = after if after == "nicht" else next((t for t in before if t in NEGATIONS), None)
-            if negation:
+            if after == "nicht":
+                part = f"{part} nicht"
+            elif negation := next((t for t in before if t in NEGATIONS), None):
                 part = f"{negation} {part}"
             if part not in parts:
                 parts.append(part)

@@ -336,6 +336,9 @@ class KnotencheckSession:
                 "guardrail": guard_summary.to_dict(),
                 "task_failures": self.bridge.failures,
                 "agent_speeches": dict(self.speeches),
+                # Normalised answers are what the caller said: kept only where transcripts may be.
+                "answers": self.machine.recognised_answers(
+                    with_values=self.resources.settings.session.record_transcripts),
             }
             if self.resources.settings.session.record_transcripts:
                 record["transcript"] = list(self.transcript)

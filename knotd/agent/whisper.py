@@ -26,6 +26,7 @@ not import livekit, so the daemon can load and self-test Whisper while livekit i
 
 from __future__ import annotations
 
+import difflib
 import re
 import unicodedata
 from typing import NamedTuple
@@ -40,6 +41,7 @@ WHISPER_SAMPLE_RATE = 16000
 STOCK_WINDOW_S = 30
 WINDOW_BUCKETS_S = (10, 15, 20, 30)
 ECHO_MIN_WORDS = 4
+ECHO_COVERAGE = 0.8
 # Whisper's own test for a decoder caught in a loop ("die Knoten, die Knoten, …"): text that gzip shrinks
 # more than this is repetition, not an answer.
 _MAX_COMPRESSION_RATIO = 2.4
@@ -80,18 +82,22 @@ def _words(text: str) -> list[str]:
 
 
 def is_prompt_echo(text: str, prompt: str) -> bool:
-    """Whether `text` is `prompt`, or a run of at least `ECHO_MIN_WORDS` of its words (what prompted Whisper
-    makes of silence: "Sie ihn zum Beispiel mit einer Kirsche oder einer Walnuss.").
+    """Whether `text` is `prompt` or mostly a piece of it: at least `ECHO_MIN_WORDS` words, of which at least
+    `ECHO_COVERAGE` appear in the prompt in the same order (prompted Whisper on white noise: "Sie ihn zum
+    Beispiel mit einer Kirsche oder einer Walnuss." for "… Vergleichen Sie ihn zum Beispiel mit einer
+    Erbse, einer Kirsche oder einer Walnuss.").
 
-    Compared word by word, ignoring case, punctuation and accents. Shorter runs are answers that repeat the
-    question's own words ("In der Leiste." to "… in der Brust oder in der Leiste?", "Ja." to "… Ja oder
+    Compared word by word, ignoring case, punctuation and accents. Shorter texts are answers that reuse the
+    question's words ("In der Leiste." to "… in der Brust oder in der Leiste?", "Ja." to "… Ja oder
     Nein."); they are dropped only when Whisper also judges them no speech.
     """
     said, prompted = _words(text), _words(prompt)
     if not said or said == prompted:
         return bool(said)
-    n = len(said)
-    return n >= ECHO_MIN_WORDS and any(prompted[i:i + n] == said for i in range(len(prompted) - n + 1))
+    if len(said) < ECHO_MIN_WORDS:
+        return False
+    blocks = difflib.SequenceMatcher(None, said, prompted, autojunk=False).get_matching_blocks()
+    return sum(block.size for block in blocks) >= ECHO_COVERAGE * len(said)
 
 
 class _WindowedWhisper(WhisperModel):
@@ -170,7 +176,9 @@ class WhisperTranscriber:
         no_speech = max((segment.no_speech_prob for segment in segments), default=0.0)
         dropped = None
         if prompt is not None and text:
-            if is_prompt_echo(text, prompt):
+            if not _words(text):  # "…": punctuation only
+                dropped = "no_speech"
+            elif is_prompt_echo(text, prompt):
                 dropped = "echo"
             elif no_speech > self.settings.no_speech_threshold:
                 dropped = "no_speech"

@@ -101,6 +101,8 @@ class FinishedSession:
     task_failures: int | None
     last_phase: str
     e2e_p50_s: float | None
+    # (field, understood, normalised answer or None when the record keeps no values), in script order
+    answers: tuple[tuple[str, bool, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -300,7 +302,19 @@ def _finished(summary: Mapping[str, Any]) -> FinishedSession:
         task_failures=_count(summary.get("task_failures")),
         last_phase=str(last_phase),
         e2e_p50_s=_number(e2e.get("p50")) if isinstance(e2e, Mapping) else None,
+        answers=_answers(summary.get("answers")),
     )
+
+
+def _answers(raw: Any) -> tuple[tuple[str, bool, str | None], ...]:
+    if not isinstance(raw, Mapping):
+        return ()
+    out = []
+    for name, entry in raw.items():
+        if isinstance(entry, Mapping):
+            value = entry.get("answer")
+            out.append((str(name), bool(entry.get("understood")), str(value) if value is not None else None))
+    return tuple(out)
 
 
 def _turn_rows(summaries: Mapping[str, LatencySummary], turns: Sequence[Mapping[str, Any]]) -> tuple[LatencyRow, ...]:
