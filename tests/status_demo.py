@@ -111,6 +111,9 @@ def build_demo(now: float | None = None) -> tuple[DaemonState, LatencyHistograms
             "duration_s": duration, "outcome": outcome, "phases_reached": phases, "final_phase": phases[-1],
             "turns": turns, "latency_s": {"e2e": {"n": turns, "p50": e2e_p50, "p95": e2e_p50 + 0.2}},
             "guardrail": {"checks": {}, "hits": hits, "discarded_chars": 0}, "task_failures": failures,
+            "answers": {field: {"understood": True} for field, step in
+                        (("location", "step_location"), ("size", "step_size"), ("since", "step_since"),
+                         ("changes", "step_changes")) if step in phases},
         })
     return state, hist
 

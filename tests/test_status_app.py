@@ -195,9 +195,25 @@ async def test_page_shows_sessions_turns_guardrails_failures(client, state):
     assert re.search(r'data-label="Guardrail hits">3<', html)
 
 
+async def test_finished_sessions_show_the_answers_as_the_record_keeps_them(client, state):
+    """With transcripts allowed the record keeps normalised answers and the page shows them; without, the page
+    shows only whether each answer was understood."""
+    state.session_finished("s1", {"session_id": "s1", "room": "kept", "outcome": "completed", "answers": {
+        "location": {"understood": True, "answer": "Hals, Kehlkopf"},
+        "size": {"understood": False, "answer": None}}})
+    state.session_finished("s2", {"session_id": "s2", "room": "private", "outcome": "completed", "answers": {
+        "location": {"understood": True}, "size": {"understood": False}}})
+    html = await page_text(client)
+    rows = {room: visible_text(html[html.index(f">{room}<"):][:1500].split("</tr>")[0]) for room in ("kept", "private")}
+    assert "location: Hals, Kehlkopf" in rows["kept"] and "size: not understood" in rows["kept"]
+    assert "location: understood" in rows["private"] and "size: not understood" in rows["private"]
+    assert "Kehlkopf" not in rows["private"]
+
+
 async def test_finished_session_with_unknown_shape_still_renders(client, state):
     """The summary record grows with the agent: missing or odd fields show as dashes, not an error."""
-    state.session_finished("s9", {"outcome": 7, "turns": "many", "guardrail_hits": {"off_topic": 2}})
+    state.session_finished("s9", {"outcome": 7, "turns": "many", "guardrail_hits": {"off_topic": 2},
+                                  "answers": {"size": "Kirsche", "since": {"understood": 1, "answer": 3}}})
     text = visible_text(await page_text(client))
     assert "Latest finished sessions" in text and "session" in text
 

@@ -190,6 +190,12 @@ def _print_report(printer: Any, conversation: Any, record: dict[str, Any], out: 
             cells = "  ".join(f"{turn[c]:>8.3f}" if c in turn else f"{'-':>8}"
                               for c in ("eou", "stt", "llm_ttft", "tts_ttfb", "e2e"))
             printer(f"  turn {n:<6} {cells}")
+    if record.get("answers"):
+        printer("")
+        printer("answers (session summary):")
+        for field, entry in record["answers"].items():
+            shown = entry.get("answer", "understood" if entry["understood"] else "not understood")
+            printer(f"  {field:<9} {shown if shown is not None else 'not understood'}")
     printer("")
     printer(f"phases: {' → '.join(record['phases_reached'])}")
     printer(f"reply written to {out} ({duration:.1f} s of audio)")
