@@ -2,7 +2,7 @@
 
 Run from the repository root (needs the [models] extra, espeak-ng and sox; about 5 minutes for one half):
 
-    python benchmarks/stt_context.py [--set held-back|tuning|all] [--runs 2]
+    python benchmarks/stt_context.py [--set held-back|tuning|all] [--runs 2] [--no-noise] [--show]
 
 The clips are tests/phase_answers.py: answers to the four check questions (location, size, since when,
 changes), espeak-ng in five voices at 140–190 wpm with noise at 10–20 dB SNR, split once into a tuning
@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--set", choices=sorted(SETS), default="held-back", help="which clips (default held-back)")
     parser.add_argument("--runs", type=int, default=2, help="timed runs per clip and side (default 2)")
     parser.add_argument("--show", action="store_true", help="print every transcript")
+    parser.add_argument("--no-noise", action="store_true",
+                        help="the same voices and speeds without the added noise (to see what the noise costs)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from faster_whisper import WhisperModel
@@ -124,18 +126,19 @@ def main() -> None:
 
     print(f"# stt_context: Whisper base {settings.compute_type}, beam {settings.beam_size}, hotwords "
           f"{settings.hotwords!r}, no_speech_threshold {settings.no_speech_threshold}; {len(answers)} answers "
-          f"({args.set}), {args.runs} timed runs per side")
+          f"({args.set}{', without noise' if args.no_noise else ''}), {args.runs} timed runs per side")
     print(f"# machine: {describe_machine()}; load average before {load_before}")
 
     base, ctx = Side(), Side()
     rows = []
-    warm = answer_pcm(answers[0])
+    noisy = not args.no_noise
+    warm = answer_pcm(answers[0], noisy=noisy)
     timed(transcriber, warm, None)
     for i, answer in enumerate(answers):
         phase = script.phase(answer.phase)
         assert phase.recognition is not None, f"{answer.phase} has no recognition context"
         prompt = phase.recognition.prompt(phase.say)
-        pcm = answer_pcm(answer)
+        pcm = answer_pcm(answer, noisy=noisy)
         if i == 0:
             timed(transcriber, pcm, prompt)
         results: dict[str, Transcript] = {}

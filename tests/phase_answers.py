@@ -197,23 +197,26 @@ def mix_at_snr(speech: np.ndarray, noise_samples: np.ndarray, snr_db: float) -> 
     return np.clip(np.round(mixed), -32768, 32767).astype(np.int16)
 
 
-def answer_samples(answer: Answer) -> np.ndarray:
-    """The answer spoken and mixed with its noise, as 16 kHz mono int16 (made on first use, then cached)."""
+def answer_samples(answer: Answer, *, noisy: bool = True) -> np.ndarray:
+    """The answer spoken and mixed with its noise (`noisy`, else without), as 16 kHz mono int16 (made on
+    first use, then cached)."""
     r = rendering(answer)
     key = hashlib.sha256(f"v1|{r}|{answer.text}".encode()).hexdigest()[:16]
-    path = cache_dir() / "answers" / f"{key}.wav"
+    path = cache_dir() / "answers" / f"{key}{'' if noisy else '-clean'}.wav"
     if not path.exists():
         speech, _ = read_wav(cached_clip(answer.text, voice=r.voice, rate=r.rate_wpm, sample_rate=SAMPLE_RATE))
         # 0.3 s of silence either side, as the VAD would cut it; the noise runs through it.
         speech = np.concatenate([np.zeros(SAMPLE_RATE * 3 // 10, np.int16), speech,
                                  np.zeros(SAMPLE_RATE * 3 // 10, np.int16)])
-        _write_cached(path, mix_at_snr(speech, noise(r.noise, speech.size, r.seed), r.snr_db))
+        if noisy:
+            speech = mix_at_snr(speech, noise(r.noise, speech.size, r.seed), r.snr_db)
+        _write_cached(path, speech)
     return read_wav(path)[0]
 
 
-def answer_pcm(answer: Answer) -> np.ndarray:
+def answer_pcm(answer: Answer, *, noisy: bool = True) -> np.ndarray:
     """`answer_samples` as Whisper's input: float32 in [-1, 1]."""
-    return answer_samples(answer).astype(np.float32) / 32768
+    return answer_samples(answer, noisy=noisy).astype(np.float32) / 32768
 
 
 @dataclass(frozen=True)
