@@ -131,13 +131,21 @@ def test_bad_recognition_context_is_one_line_naming_the_field(tmp_path, recognit
 
 @pytest.mark.parametrize(("text", "echo"), [
     ("Sie ihn zum Beispiel mit einer Kirsche oder einer Walnuss.", True),  # what base made of white noise
+    ("Wie groß ist der Knoten ungefähr?", True),
     ("Wie groß ist der Knoten ungefähr? Erbse, Kirsche.", True),
     ("erbse kirsche haselnuss walnuss", True),
     ("Wie eine Kirsche.", False),  # an answer using the question's words
     ("Kirsche.", False),
     ("Ungefähr so groß wie eine Kirsche.", False),
+    ("Sie ihn, eine Kirsche.", False),
     ("...", False),
 ])
 def test_prompt_echo_is_a_long_run_of_prompt_words_not_an_answer_that_reuses_them(script, text, echo):
     phase = script.phase("step_size")
     assert is_prompt_echo(text, phase.recognition.prompt(phase.say)) is echo
+
+
+def test_an_answer_in_the_words_of_the_question_is_not_an_echo(script):
+    """Heard right, "Die Haut darüber ist gerötet." shares four words with its question; it is an answer."""
+    phase = script.phase("step_changes")
+    assert not is_prompt_echo("Die Haut darüber ist gerötet.", phase.recognition.prompt(phase.say))

@@ -41,7 +41,8 @@ WHISPER_SAMPLE_RATE = 16000
 STOCK_WINDOW_S = 30
 WINDOW_BUCKETS_S = (10, 15, 20, 30)
 ECHO_MIN_WORDS = 4
-ECHO_COVERAGE = 0.8
+ECHO_LONG_WORDS = 8
+ECHO_COVERAGE = 0.9
 # Whisper's own test for a decoder caught in a loop ("die Knoten, die Knoten, …"): text that gzip shrinks
 # more than this is repetition, not an answer.
 _MAX_COMPRESSION_RATIO = 2.4
@@ -82,22 +83,25 @@ def _words(text: str) -> list[str]:
 
 
 def is_prompt_echo(text: str, prompt: str) -> bool:
-    """Whether `text` is `prompt` or mostly a piece of it: at least `ECHO_MIN_WORDS` words, of which at least
-    `ECHO_COVERAGE` appear in the prompt in the same order (prompted Whisper on white noise: "Sie ihn zum
-    Beispiel mit einer Kirsche oder einer Walnuss." for "… Vergleichen Sie ihn zum Beispiel mit einer
-    Erbse, einer Kirsche oder einer Walnuss.").
+    """Whether `text` is an echo of `prompt`: at least `ECHO_MIN_WORDS` words that are a run of the prompt's
+    words, or a longer text (`ECHO_LONG_WORDS`) nearly all of whose words (`ECHO_COVERAGE`) appear in the
+    prompt in the same order (prompted Whisper on white noise: "Sie ihn zum Beispiel mit einer Kirsche oder
+    einer Walnuss." for "… Vergleichen Sie ihn zum Beispiel mit einer Erbse, einer Kirsche oder einer
+    Walnuss.").
 
-    Compared word by word, ignoring case, punctuation and accents. Shorter texts are answers that reuse the
-    question's words ("In der Leiste." to "… in der Brust oder in der Leiste?", "Ja." to "… Ja oder
-    Nein."); they are dropped only when Whisper also judges them no speech.
+    Compared word by word, ignoring case, punctuation and accents. Answers reuse the question's words ("In der
+    Leiste." to "… oder in der Leiste?", "Die Haut darüber ist gerötet." to "… hat sich die Haut darüber
+    verändert? … gerötet"): short runs and loose matches are kept, and dropped only when Whisper also judges
+    them no speech.
     """
     said, prompted = _words(text), _words(prompt)
-    if not said or said == prompted:
-        return bool(said)
-    if len(said) < ECHO_MIN_WORDS:
-        return False
+    n = len(said)
+    if n < ECHO_MIN_WORDS:
+        return bool(said) and said == prompted
+    if any(prompted[i:i + n] == said for i in range(len(prompted) - n + 1)):
+        return True
     blocks = difflib.SequenceMatcher(None, said, prompted, autojunk=False).get_matching_blocks()
-    return sum(block.size for block in blocks) >= ECHO_COVERAGE * len(said)
+    return n >= ECHO_LONG_WORDS and sum(block.size for block in blocks) >= ECHO_COVERAGE * n
 
 
 class _WindowedWhisper(WhisperModel):
