@@ -138,6 +138,8 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="sessions per mode, interleaved (default 2)")
     parser.add_argument("--concurrent", type=int, default=1,
                         help="sessions talking at once per column (default 1); turns are pooled")
+    parser.add_argument("--json", action="store_true",
+                        help="print the per-turn components of each column as one JSON object, no table")
     parser.add_argument("--silence", default="",
                         help="comma-separated stt.speculative_silence_s values, one column each (default: knotd's)")
     args = parser.parse_args()
@@ -191,6 +193,11 @@ async def main() -> None:
             for texts in said:
                 wer[name].extend(word_error_rate(clip.text, text) for clip, text in zip(CLIPS, texts, strict=False))
 
+    if args.json:
+        import json
+
+        print(json.dumps({name: turns[name] for name in columns}))
+        return
     width = 16
     print()
     print(f"{'p50 / p95 (s)':<14}" + "".join(f"{name:>{width}}" for name in columns) + "   target")
