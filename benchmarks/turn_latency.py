@@ -147,9 +147,9 @@ async def main() -> None:
 
     from knotd.agent import demo, register_plugins
     from knotd.agent.local_io import read_wav
-    from knotd.agent.models import load_models
     from knotd.agent.session import AgentResources
     from knotd.config import Settings, SttSettings
+    from knotd.speech.models import load_models
 
     register_plugins()
     stt = SttSettings(model=str(whisper_base_dir()))

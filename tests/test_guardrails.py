@@ -9,16 +9,16 @@ import pytest
 from livekit.agents import Agent, AgentSession, StopResponse
 from prometheus_client import REGISTRY
 
-from knotd.agent.guardrails import (
+from knotd import metrics
+from knotd.agent.llm import ScriptedLLM, latest_user_message
+from knotd.conversation.guardrails import (
     Guardrail,
     SentenceGuard,
     SessionGuard,
     guard_llm_output,
     normalize,
-    record_verdict,
 )
-from knotd.agent.llm import ScriptedLLM, latest_user_message
-from knotd.agent.phases import PhaseMachine, PhaseScript
+from knotd.conversation.phases import PhaseMachine, PhaseScript
 from knotd.errors import ConfigError
 
 
@@ -375,7 +375,7 @@ def test_record_verdict_counts_checks_and_hits_in_prometheus(rules):
     """record_verdict increments knotd_guardrail_checks_total per rule checked and ..._hits_total per hit."""
     before_checks = _sample("knotd_guardrail_checks_total", "input", "no_diagnosis")
     before_hits = _sample("knotd_guardrail_hits_total", "input", "no_diagnosis")
-    session = SessionGuard(rules, on_verdict=record_verdict)
+    session = SessionGuard(rules, on_verdict=metrics.record_guardrail_verdict)
     session.check_input("Ist das Krebs?")
     session.check_input("Ja")
     assert _sample("knotd_guardrail_checks_total", "input", "no_diagnosis") == before_checks + 2

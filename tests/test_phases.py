@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from knotd.agent.guardrails import Guardrail
-from knotd.agent.phases import (
+from knotd.conversation.guardrails import Guardrail
+from knotd.conversation.phases import (
     WIRE_ATTRIBUTE,
     IllegalTransition,
     PhaseMachine,

@@ -19,10 +19,10 @@ from prometheus_client import REGISTRY
 from knotd.agent import register_plugins
 from knotd.agent.demo import converse
 from knotd.agent.local_io import read_wav
-from knotd.agent.models import load_models
 from knotd.agent.session import AgentResources, KnotencheckSession
-from knotd.agent.summary import read_records
 from knotd.config import Settings, SttSettings
+from knotd.conversation.summary import read_records
+from knotd.speech.models import load_models
 from knotd.state import DaemonState
 from tests.audio import cached_clip, contains_words
 

@@ -129,9 +129,9 @@ def stock_prewarm(proc: Any) -> None:
 async def stock_entrypoint(ctx: Any) -> None:
     entered_at = time.time()
     from knotd import metrics
-    from knotd.agent.models import SharedModels
     from knotd.agent.session import AgentResources
-    from knotd.agent.whisper import WhisperTranscriber
+    from knotd.speech.models import SharedModels
+    from knotd.speech.whisper import WhisperTranscriber
     from knotd.state import DaemonState
 
     data = ctx.proc.userdata
@@ -168,8 +168,8 @@ def build_stock_server(settings: Any) -> Any:
 def build_knotd_server(settings: Any) -> Any:
     from knotd import metrics
     from knotd.agent import register_plugins
-    from knotd.agent.models import load_models
     from knotd.agent.session import AgentResources
+    from knotd.speech.models import load_models
     from knotd.state import DaemonState
     from knotd.worker import build_server
 

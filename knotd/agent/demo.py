@@ -53,8 +53,8 @@ async def run_demo(
 ) -> int:
     """Run the demo session; returns the exit code. Prints the transcript, stage and turn latencies."""
     from knotd.agent import register_plugins
-    from knotd.agent.models import load_models
     from knotd.agent.session import AgentResources, describe_models
+    from knotd.speech.models import load_models
 
     register_plugins()
 

@@ -25,7 +25,7 @@ class KnotencheckRuntime:
 
     def load_models(self, settings: Settings) -> Any:
         """Whisper (known-answer self-tested) and Silero VAD, loaded once. Blocks; runs in a thread."""
-        from knotd.agent.models import load_models
+        from knotd.speech.models import load_models
 
         return load_models(settings, self._whisper)
 

@@ -26,16 +26,16 @@ from livekit.agents import NOT_GIVEN, Agent, AgentSession, JobContext, StopRespo
 from livekit.agents.voice import io as voice_io
 
 from knotd import metrics, stages
-from knotd.agent.guardrails import Guardrail, SessionGuard, Verdict, initialise_metrics, record_verdict
 from knotd.agent.llm import initialise_metrics as initialise_llm_metrics
 from knotd.agent.llm import latest_user_message
-from knotd.agent.models import SharedModels
-from knotd.agent.phases import WIRE_TOPIC, PhaseChange, PhaseMachine, PhaseScript
 from knotd.agent.stt import WhisperSTT
-from knotd.agent.summary import append_record, latency_summary
-from knotd.agent.turns import TurnObserver
 from knotd.bridge import TaskBridge
 from knotd.config import Settings
+from knotd.conversation.guardrails import Guardrail, SessionGuard, Verdict
+from knotd.conversation.phases import WIRE_TOPIC, PhaseChange, PhaseMachine, PhaseScript
+from knotd.conversation.summary import append_record, latency_summary
+from knotd.conversation.turns import TurnObserver
+from knotd.speech.models import SharedModels
 from knotd.stages import stage
 from knotd.state import DaemonState
 
@@ -57,11 +57,10 @@ class AgentResources:
     def load(cls, settings: Settings, models: SharedModels) -> AgentResources:
         """Load the guardrail rules and the phase script (raises ConfigError for a bad file)."""
         guardrail = Guardrail.load(settings.guardrails.rules or None)
-        initialise_metrics(guardrail)
+        metrics.initialise_guardrail(guardrail)
         initialise_llm_metrics()
         script = PhaseScript.load(settings.session.phases or None)
-        for name in script.phases:
-            metrics.PHASE_TRANSITIONS.labels(phase=name)
+        metrics.initialise_phases(script.phases)
         return cls(settings, models, guardrail, script)
 
 
@@ -152,10 +151,10 @@ class KnotencheckSession:
         self.started_at = time.time()
         settings = resources.settings
         self.bridge = TaskBridge(session_id, on_failure=state.task_failed)
-        self.guard = SessionGuard(resources.guardrail, on_verdict=record_verdict)
+        self.guard = SessionGuard(resources.guardrail, on_verdict=metrics.record_guardrail_verdict)
         self.machine = PhaseMachine(resources.script)
         self.machine.add_listener(self._on_phase_change)
-        self.turns = TurnObserver(lambda turn: state.turn_completed(session_id, turn))
+        self.turns = TurnObserver(self._on_turn)
         self.transcript: list[dict[str, str]] = []
         self.speeches: dict[str, int] = {}
         self._input_checked: set[str] = set()
@@ -263,6 +262,10 @@ class KnotencheckSession:
         else:
             outcome = "disconnected"
         await self.finish(outcome)
+
+    def _on_turn(self, turn: dict[str, float]) -> None:
+        metrics.observe_turn(turn)
+        self.state.turn_completed(self.session_id, turn)
 
     def _on_phase_change(self, change: PhaseChange) -> None:
         metrics.PHASE_TRANSITIONS.labels(phase=change.phase).inc()

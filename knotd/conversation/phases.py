@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from knotd.agent.guardrails import TextMatcher, normalize
+from knotd.conversation.guardrails import TextMatcher, normalize
 from knotd.datafiles import parse_toml, read_data_file
 from knotd.errors import ConfigError, KnotdError
 

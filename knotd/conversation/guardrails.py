@@ -13,7 +13,7 @@ one of the three words before it negates ("ich habe keine Atemnot").
 
 Pieces: ``Guardrail`` (the loaded rules, shared), ``SentenceGuard`` (one streamed reply), ``SessionGuard`` (one
 session: tallies and the closing step), ``guard_llm_output()`` (the output guard as an async generator for
-``Agent.llm_node``), ``record_verdict()`` (the Prometheus counters; the only use of ``knotd.metrics``).
+``Agent.llm_node``). Prometheus counting is ``knotd.metrics.record_guardrail_verdict()``.
 
 This module does not import livekit and does no I/O except reading the rules file in ``Guardrail.load()``.
 It does not classify meaning (no LLM judge): the rules are plain patterns a reviewer can read and test.
@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from knotd import metrics
 from knotd.datafiles import parse_toml, read_data_file
 from knotd.errors import ConfigError
 
@@ -429,8 +428,8 @@ class SessionGuard:
 
     Args:
         guardrail: the shared rule set.
-        on_verdict: called as ``on_verdict(direction, verdict)`` after every check; pass ``record_verdict``
-            to count checks and hits in Prometheus.
+        on_verdict: called as ``on_verdict(direction, verdict)`` after every check; pass
+            ``knotd.metrics.record_guardrail_verdict`` to count checks and hits in Prometheus.
     """
 
     def __init__(self, guardrail: Guardrail, *, on_verdict: Callable[[str, Verdict], None] | None = None) -> None:
@@ -493,19 +492,3 @@ class SessionGuard:
             self._hits[direction][verdict.rule] += 1
         if self._on_verdict is not None:
             self._on_verdict(direction, verdict)
-
-
-def record_verdict(direction: str, verdict: Verdict) -> None:
-    """Count one check in ``knotd_guardrail_checks_total`` (per rule evaluated) and a hit in ``..._hits_total``."""
-    for rule in verdict.checked:
-        metrics.GUARDRAIL_CHECKS.labels(direction=direction, rule=rule).inc()
-    if not verdict.allowed and verdict.rule:
-        metrics.GUARDRAIL_HITS.labels(direction=direction, rule=verdict.rule).inc()
-
-
-def initialise_metrics(guardrail: Guardrail) -> None:
-    """Create every (direction, rule) series at zero so dashboards see zeros, not gaps."""
-    for direction in DIRECTIONS:
-        for rule in guardrail.rule_names(direction):
-            metrics.GUARDRAIL_CHECKS.labels(direction=direction, rule=rule)
-            metrics.GUARDRAIL_HITS.labels(direction=direction, rule=rule)
