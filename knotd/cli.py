@@ -118,11 +118,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Whisper loads and self-tests in a thread while this thread imports livekit (≈2 s on 2 cores).
     whisper = start_whisper_load(settings)
 
-    from knotd.agent.runtime import KnotencheckRuntime
     from knotd.daemon import Daemon
 
     try:
-        return asyncio.run(Daemon(settings, KnotencheckRuntime(whisper), notifier).run())
+        return asyncio.run(Daemon(settings, notifier, whisper=whisper).run())
     except KnotdError as err:
         import structlog
 
@@ -149,7 +148,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from knotd.agent.demo import run_demo
+    from knotd.demo import run_demo
 
     settings = load_settings(args.config, require_livekit=False)
     _configure_logging(settings)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from knotd.conversation.summary import read_records
+from knotd.journal import read_records
 from tests.conftest import API_SECRET, free_port
 
 pytestmark = pytest.mark.models

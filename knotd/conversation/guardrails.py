@@ -309,6 +309,7 @@ class SentenceGuard:
         self._context = ""
         self._is_discarded = False
         self.hit: Verdict | None = None
+        self.busy_s = 0.0  # time spent in feed() and flush(): the output_guard stage
 
     @property
     def is_stopped(self) -> bool:
@@ -324,6 +325,13 @@ class SentenceGuard:
         """Add streamed text; return the safe complete sentences (or the reply of a hit)."""
         if self.is_stopped:
             return []
+        started = time.perf_counter()
+        try:
+            return self._feed(chunk)
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    def _feed(self, chunk: str) -> list[str]:
         self._buffer += chunk
         released: list[str] = []
         start = 0
@@ -345,8 +353,12 @@ class SentenceGuard:
         """End of stream: check and release the held text."""
         if self.is_stopped or not self._buffer:
             return []
+        started = time.perf_counter()
         piece, self._buffer = self._buffer, ""
-        return self._release(piece)
+        try:
+            return self._release(piece)
+        finally:
+            self.busy_s += time.perf_counter() - started
 
     def discard(self) -> int:
         """Drop the held text without releasing it and stop; return how many characters were dropped."""

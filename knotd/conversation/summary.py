@@ -1,23 +1,79 @@
-"""Session summaries: one JSON record per finished session, appended durably to ``sessions.jsonl``.
+"""The summary of one finished session, as a typed record.
 
-The record says what happened (outcome, phases reached, turns, guardrail hits, latency summary, bridged-task
-failures); transcript text only when ``session.record_transcripts`` is on. Several job threads may finish at
-once, so appends are serialised; each line is written whole and fsynced before the session counts as done.
+It says what happened (outcome, phases reached, turns, guardrail hits, latency summary, bridged-task
+failures); transcript lines only when ``session.record_transcripts`` is on. It becomes JSON only at the
+edges: ``to_record()`` for ``sessions.jsonl`` (``knotd.journal``) and ``/api/status``.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import threading
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-_append_lock = threading.Lock()
+from knotd.conversation.guardrails import GuardSummary
 
-SESSIONS_FILE = "sessions.jsonl"
+
+@dataclass(frozen=True)
+class TranscriptLine:
+    role: str  # user or assistant
+    text: str
+    at: float
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """What one session did, written once when it ends.
+
+    ``latency_s`` maps a turn component (eou, stt, llm_ttft, tts_ttfb, e2e) to n/p50/p95/max in seconds;
+    ``task_failures`` counts the session's failed bridged tasks; ``agent_speeches`` counts what the agent
+    said by source (``generate_reply``, ``say``) and how often the user cut it off (``interrupted``).
+    """
+
+    session_id: str
+    room: str
+    started_at: float
+    ended_at: float
+    outcome: str
+    phases_reached: tuple[str, ...]
+    final_phase: str
+    turns: int
+    latency_s: Mapping[str, Mapping[str, float]]
+    guardrail: GuardSummary
+    task_failures: int = 0
+    agent_speeches: Mapping[str, int] = field(default_factory=dict)
+    transcript: tuple[TranscriptLine, ...] | None = None
+
+    @property
+    def duration_s(self) -> float:
+        return self.ended_at - self.started_at
+
+    @property
+    def e2e_p50_s(self) -> float | None:
+        e2e = self.latency_s.get("e2e")
+        return e2e.get("p50") if e2e else None
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON record (``sessions.jsonl``, ``/api/status``); ``transcript`` only when it was recorded."""
+        record: dict[str, Any] = {
+            "session_id": self.session_id,
+            "room": self.room,
+            "started_at": round(self.started_at, 3),
+            "ended_at": round(self.ended_at, 3),
+            "duration_s": round(self.duration_s, 3),
+            "outcome": self.outcome,
+            "phases_reached": list(self.phases_reached),
+            "final_phase": self.final_phase,
+            "turns": self.turns,
+            "latency_s": {c: dict(v) for c, v in self.latency_s.items()},
+            "guardrail": self.guardrail.to_dict(),
+            "task_failures": self.task_failures,
+            "agent_speeches": dict(self.agent_speeches),
+        }
+        if self.transcript is not None:
+            record["transcript"] = [{"role": t.role, "text": t.text, "at": round(t.at, 3)} for t in self.transcript]
+        return record
 
 
 def latency_summary(turns: Iterable[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -45,44 +101,3 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def append_record(state_dir: Path | str, record: dict[str, Any]) -> Path:
-    """Append ``record`` as one line to ``<state_dir>/sessions.jsonl`` and fsync it (and a new file's dir).
-
-    Raises:
-        OSError: when the state directory is not writable; the caller logs it and counts the session anyway.
-    """
-    directory = Path(state_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / SESSIONS_FILE
-    line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
-    with _append_lock:
-        created = not path.exists()
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    return path
-
-
-def read_records(state_dir: Path | str) -> list[dict[str, Any]]:
-    """All records in ``sessions.jsonl`` (oldest first); a torn last line is skipped."""
-    path = Path(state_dir) / SESSIONS_FILE
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
