@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from knotd.datafiles import parse_toml, read_data_file
+from knotd.datafiles import Locator, parse_toml, read_data_file
 from knotd.errors import ConfigError
 
 DIRECTIONS = ("input", "output")
@@ -169,11 +169,12 @@ class Guardrail:
         raw_rules = data.get("rule", [])
         if not isinstance(raw_rules, list) or not raw_rules:
             raise ConfigError("guardrails.rules", "no rules: add at least one [[rule]] table", source)
+        locate = Locator(source, text)
         rules: list[Rule] = []
         for index, raw in enumerate(raw_rules, 1):
-            rule = _parse_rule(raw, index, text, source)
+            rule = _parse_rule(raw, index, locate)
             if any(r.name == rule.name for r in rules):
-                raise ConfigError(f"rule[{rule.name}].name", "duplicate rule name", _locate(text, source, rule.name))
+                raise ConfigError(f"rule[{rule.name}].name", "duplicate rule name", locate.of_value("name", rule.name))
             rules.append(rule)
         return cls(rules, source)
 
@@ -203,14 +204,15 @@ class Guardrail:
         return Verdict(True, checked=tuple(checked), elapsed_s=time.perf_counter() - start)
 
 
-def _parse_rule(raw: Any, index: int, text: str, source: str) -> Rule:
+def _parse_rule(raw: Any, index: int, locate: Locator) -> Rule:
     label = f"rule[#{index}]"
     if not isinstance(raw, dict):
-        raise ConfigError(label, "must be a table ([[rule]])", source)
+        raise ConfigError(label, "must be a table ([[rule]])", locate.source)
     name = raw.get("name")
     if isinstance(name, str) and _NAME_RE.fullmatch(name):
         label = f"rule[{name}]"
-    where = _locate(text, source, name if isinstance(name, str) else None)
+    # tomllib keeps no positions: the rule's ``name = ...`` line stands for the whole rule
+    where = locate.of_value("name", name) if isinstance(name, str) and name else locate.source
 
     def fail(key: str, reason: str) -> ConfigError:
         return ConfigError(f"{label}.{key}", reason, where)
@@ -259,16 +261,6 @@ def _string_list(raw: dict[str, Any], key: str, fail: Callable[[str, str], Confi
     if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
         raise fail(key, "expected a list of non-empty strings")
     return value
-
-
-def _locate(text: str, source: str, name: str | None) -> str:
-    """``file:line`` of the rule's ``name = ...`` line when it can be found (tomllib keeps no positions)."""
-    if name:
-        wanted = re.compile(rf"""^\s*name\s*=\s*["']{re.escape(name)}["']""")
-        for number, line in enumerate(text.splitlines(), 1):
-            if wanted.match(line):
-                return f"{source}:{number}"
-    return source
 
 
 # --- streaming output -------------------------------------------------------------------------------------
