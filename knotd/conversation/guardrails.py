@@ -462,12 +462,6 @@ class SessionGuard:
                 del self._input_verdicts[next(iter(self._input_verdicts))]
         return verdict
 
-    def check_output(self, text: str) -> Verdict:
-        """Check a whole piece of agent text (for example a line passed to ``session.say``); tallied."""
-        verdict = self.guardrail.check_output(text)
-        self._tally("output", verdict)
-        return verdict
-
     def sentence_guard(self) -> SentenceGuard:
         """A SentenceGuard for one streamed reply; its checks are tallied and ``close()`` sees what it holds."""
         self._streams = [s for s in self._streams if s.pending and not s.is_stopped]
