@@ -22,8 +22,7 @@ from knotd.status.latency import (
     stage_summaries,
     turn_summaries,
 )
-from knotd.status.snapshot import ActiveSession as ActiveSessionSnapshot
-from knotd.status.snapshot import StatusSnapshot
+from knotd.status.snapshot import ActiveSession, StatusSnapshot
 
 RECENT_TURNS_SHOWN = 8
 
@@ -85,17 +84,6 @@ class About:
     registrations: int
     model: str
     is_demo: bool = False
-
-
-@dataclass(frozen=True)
-class ActiveSession:
-    room: str
-    phase: str
-    started_at: float
-    turns: int
-    guardrail_hits: int
-    task_failures: int
-    last_e2e_s: float | None
 
 
 @dataclass(frozen=True)
@@ -191,7 +179,7 @@ def build_page(snapshot: StatusSnapshot, histograms: LatencyHistograms, now: flo
         now=now,
         headline=_headline(snapshot),
         about=_about(snapshot, now),
-        sessions=tuple(_active(s) for s in snapshot.sessions),
+        sessions=snapshot.sessions,
         finished=tuple(_finished(s) for s in snapshot.finished_sessions),
         e2e=charts.sparkline([t.components["e2e"] for t in turns if "e2e" in t.components]),
         turn_components=_turn_rows(turn_summaries(histograms), turns[-1].components if turns else {}),
@@ -276,18 +264,6 @@ def _about(snap: StatusSnapshot, now: float) -> About:
         registrations=livekit.registrations,
         model=snap.model,
         is_demo=snap.is_demo,
-    )
-
-
-def _active(s: ActiveSessionSnapshot) -> ActiveSession:
-    return ActiveSession(
-        room=s.room,
-        phase=s.phase,
-        started_at=s.started_at,
-        turns=s.turns,
-        guardrail_hits=s.guardrail_hits,
-        task_failures=s.task_failures,
-        last_e2e_s=s.last_e2e_s,
     )
 
 
