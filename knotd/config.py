@@ -146,6 +146,9 @@ class SessionSettings:
     state_dir: str = "/var/lib/knotd"
     record_transcripts: bool = False
     phases: str = ""  # path to a TOML phase script; empty: the shipped Knotencheck script
+    # Joining the room and starting the session; a job stuck longer (room server unreachable, a starved
+    # connect) ends with outcome "error" instead of holding a session slot.
+    start_timeout_s: float = 20.0
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "worker.max_sessions": (1, 64),
     "worker.drain_timeout_s": (0, 86400),
     "worker.max_retry": (0, 1000),
+    "session.start_timeout_s": (1, 300),
     "stt.beam_size": (1, 10),
     "stt.num_workers": (1, 16),
     "stt.cpu_threads": (0, 64),

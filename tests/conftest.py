@@ -148,9 +148,10 @@ class DaemonProcess:
 
 
 def write_config(tmp_path: Path, livekit_url: str, model_dir: Path, status_port: int, *, name: str = "",
-                 **sections: str) -> Path:
-    """Write `knotd{name}.toml` under `tmp_path` (state in `state{name}/`) with `sections` appended."""
-    extra = "\n".join(f"[{name}]\n{textwrap.dedent(body).strip()}\n" for name, body in sections.items())
+                 session: str = "", **sections: str) -> Path:
+    """Write `knotd{name}.toml` under `tmp_path` (state in `state{name}/`) with `sections` appended as tables;
+    `session` holds extra lines for the [session] table."""
+    extra = "\n".join(f"[{table}]\n{textwrap.dedent(body).strip()}\n" for table, body in sections.items())
     worker = sections.pop("worker", None)
     text = textwrap.dedent(f"""
         [livekit]
@@ -163,13 +164,11 @@ def write_config(tmp_path: Path, livekit_url: str, model_dir: Path, status_port:
         [stt]
         model = "{model_dir}"
 
-        [session]
-        state_dir = "{tmp_path / f'state{name}'}"
-
         [log]
         format = "json"
         level = "debug"
     """)
+    text += f'\n[session]\nstate_dir = "{tmp_path / f"state{name}"}"\n{textwrap.dedent(session).strip()}\n'
     if worker is None:
         text += "\n[worker]\ndrain_timeout_s = 10\nmax_retry = 16\n"
     path = tmp_path / f"knotd{name}.toml"

@@ -206,3 +206,27 @@ async def test_a_session_cut_by_the_drain_bound_still_writes_its_summary(standin
         assert await daemon.wait_exit(timeout=60) == 0
     records = read_records(tmp_path / "state")
     assert [(r["session_id"], r["room"], r["outcome"]) for r in records] == [(job.job_id, "drained-room", "drained")]
+
+
+async def test_a_session_whose_room_never_answers_ends_and_frees_its_slot(standin, start_daemon, notify_socket,
+                                                                          tmp_path):
+    """1. A job is dispatched to a room server that accepts the connection and never answers.
+
+    Result: after session.start_timeout_s the session ends with outcome "error" in sessions.jsonl, the
+    daemon has no session left and reports load 0 to LiveKit again.
+    """
+    daemon = await start_daemon(standin.url, session="start_timeout_s = 2")
+    await notify_socket.wait_for("READY", timeout=120)
+    async with _black_hole() as url:
+        job = await standin.dispatch_job("silent-room", url=url)
+        assert job.accepted
+        await _wait_sessions(daemon, 1)
+        deadline = time.monotonic() + 30
+        while not read_records(tmp_path / "state") and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+    records = read_records(tmp_path / "state")
+    assert [(r["room"], r["outcome"]) for r in records] == [("silent-room", "error")]
+    status = json.loads((await daemon.get("/api/status"))[1])
+    assert status["sessions"] == []
+    _, metrics = await daemon.get("/metrics")
+    assert 'knotd_stage_duration_seconds_count{stage="session_start",status="error"} 1.0' in metrics

@@ -338,8 +338,9 @@ def make_entrypoint(resources: AgentResources, observer: SessionObserver) -> Any
         ctx.add_shutdown_callback(on_shutdown)
         try:
             async with stage("session_start"):
-                await ctx.connect()
-                await conversation.start(room=ctx.room)
+                async with asyncio.timeout(resources.settings.session.start_timeout_s):
+                    await ctx.connect()
+                    await conversation.start(room=ctx.room)
         except Exception as err:
             log.error("session_start_failed", session_id=conversation.session_id, error=type(err).__name__)
             await conversation.aclose("error")
