@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.*` whe
 import numpy as np
 
 from benchmarks._machine import describe as describe_machine
-from knotd.agent.phases import PhaseScript
-from knotd.agent.whisper import Transcript, WhisperTranscriber, is_prompt_echo
 from knotd.config import SttSettings
+from knotd.conversation.phases import PhaseScript
+from knotd.speech.whisper import Transcript, WhisperTranscriber, is_prompt_echo
 from tests.audio import normalize_words, whisper_base_dir
 from tests.phase_answers import ANSWERS, HELD_BACK, NOISES, TUNING, Answer, answer_pcm, noise_pcm, rendering
 

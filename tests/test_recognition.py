@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from knotd.agent.phases import PhaseMachine, PhaseScript
-from knotd.agent.whisper import is_prompt_echo
+from knotd.conversation.phases import PhaseMachine, PhaseScript
 from knotd.errors import ConfigError
+from knotd.speech.whisper import is_prompt_echo
 
 STEPS = {"step_location": "location", "step_size": "size", "step_since": "since", "step_changes": "changes"}
 
@@ -75,12 +75,15 @@ def test_summary_answers_keep_values_only_when_allowed(script):
         machine.respond(answer)
     assert machine.current == "step_changes"
 
-    assert machine.recognised_answers(with_values=True) == {
+    def records(with_values: bool) -> dict:
+        return {k: v.to_record() for k, v in machine.recognised_answers(with_values=with_values).items()}
+
+    assert records(True) == {
         "location": {"understood": True, "answer": "Hals, Kehlkopf"},
         "size": {"understood": False, "answer": None},  # "Kirche" is not "Kirsche"
         "since": {"understood": True, "answer": "3 Wochen"},
     }
-    assert machine.recognised_answers(with_values=False) == {
+    assert records(False) == {
         "location": {"understood": True}, "size": {"understood": False}, "since": {"understood": True},
     }
 

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 
 from knotd.agent import register_plugins
-from knotd.agent.demo import bundled_requests, converse
 from knotd.agent.local_io import read_wav
-from knotd.agent.models import load_models
-from knotd.agent.phases import PhaseScript
+from knotd.agent.local_session import converse
 from knotd.agent.session import AgentResources
 from knotd.agent.stt import WhisperSTT, WhisperTranscriber
+from knotd.bootstrap import session_observers
 from knotd.config import SessionSettings, Settings, SttSettings
+from knotd.conversation.phases import PhaseScript
+from knotd.demo import bundled_requests
+from knotd.speech.models import load_models
 from knotd.state import DaemonState
 from tests.audio import contains_words, have_model_packages, have_speech_tools, shared_whisper
 from tests.phase_answers import NOISES, noise_pcm
@@ -124,16 +126,18 @@ async def test_the_demo_session_summarises_the_answers_it_understood(model_dir, 
                         session=SessionSettings(state_dir=str(tmp_path), record_transcripts=True))
     models = load_models(settings)
     clips = [read_wav(p) for p in bundled_requests()]
-    result = await converse(AgentResources.load(settings, models), DaemonState(), clips, realtime_playout=False)
+    result = await converse(AgentResources.load(settings, models), session_observers(settings, DaemonState()), clips,
+                            realtime_playout=False)
 
     said = [item.text_content or "" for item in result.conversation.session.history.items
             if getattr(item, "role", None) == "user"]
-    assert len(said) == len(clips) and result.record["final_phase"] == "goodbye", said
-    answers = result.record["answers"]
+    assert len(said) == len(clips) and result.record.final_phase == "goodbye", said
+    answers = result.record.to_record()["answers"]
     assert list(answers) == ["location", "size", "since", "changes"]
     assert answers["since"] == {"understood": True, "answer": "3 Wochen"}, said
     for field, entry in answers.items():
         assert entry["understood"] == (entry["answer"] is not None), (field, entry)
 
     private = result.conversation.machine.recognised_answers(with_values=False)
-    assert private == {field: {"understood": entry["understood"]} for field, entry in answers.items()}
+    assert {k: v.to_record() for k, v in private.items()} == {
+        field: {"understood": entry["understood"]} for field, entry in answers.items()}

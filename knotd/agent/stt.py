@@ -1,6 +1,6 @@
 """Speech to text with faster-whisper behind livekit's STT ABC, transcribing speculatively.
 
-`WhisperSTT` wraps the daemon's shared WhisperModel; `knotd.agent.whisper` turns each utterance into text
+`WhisperSTT` wraps the daemon's shared WhisperModel; `knotd.speech.whisper` turns each utterance into text
 with an encoder window sized to it. How utterances are cut depends on `stt.speculative`:
 
 - speculative (default): `WhisperSTT` is a streaming STT. Its `SpeculativeStream` runs its own Silero
@@ -20,10 +20,10 @@ silence as the session's, for turn modes that never flush.
 Recognition context: the session passes a `prompt` function; every transcription (the speculative ones too)
 calls it on the event loop when it starts and hands the string to Whisper with that one call. The model is
 shared by all sessions, the prompt never is: it is an argument, not state. A prompted transcript that is
-an echo of its prompt, or no speech, comes back empty (`knotd.agent.whisper`) and is counted in
+an echo of its prompt, or no speech, comes back empty (`knotd.speech.whisper`) and is counted in
 `knotd_stt_dropped_total{reason}`.
 
-This module does not load models (see `knotd.agent.models`) and does not decide when a turn ends.
+This module does not load models (see `knotd.speech.models`) and does not decide when a turn ends.
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ from livekit.agents import vad as lk_vad
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
 
 from knotd import metrics
-from knotd.agent.whisper import (
+from knotd.config import SttSettings
+from knotd.speech.whisper import (
     STOCK_WINDOW_S,
     WHISPER_SAMPLE_RATE,
     WINDOW_BUCKETS_S,
     Transcript,
     WhisperTranscriber,
 )
-from knotd.config import SttSettings
 
 __all__ = ["STOCK_WINDOW_S", "WINDOW_BUCKETS_S", "SpeculativeStream", "Transcript", "WhisperSTT",
            "WhisperTranscriber", "frame_to_whisper_input", "speculative_vad"]

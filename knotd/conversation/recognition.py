@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from knotd.agent.guardrails import normalize
+from knotd.conversation.guardrails import normalize
 from knotd.errors import ConfigError
 
 # Whisper reads at most 223 prompt tokens; a long agent line keeps its end (the question comes last).
@@ -34,6 +34,22 @@ NUMBERS = {
 NEGATIONS = frozenset({"nicht", "kein", "keine", "keinen", "keiner", "nichts", "nie"})
 _TOKEN = re.compile(r"\w+")
 _KEYS = {"field", "terms"}
+
+
+@dataclass(frozen=True)
+class StepAnswer:
+    """The caller's answer to one check step, as the session summary keeps it.
+
+    ``understood``: it named one of the phase's terms. ``answer``: its normalised form ("Hals, Kehlkopf";
+    None when not understood); ``kept`` says whether the summary may hold it (``session.record_transcripts``).
+    """
+
+    understood: bool
+    answer: str | None = None
+    kept: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        return {"understood": self.understood, "answer": self.answer} if self.kept else {"understood": self.understood}
 
 
 @dataclass(frozen=True)

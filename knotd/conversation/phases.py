@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from knotd.agent.guardrails import TextMatcher, normalize
-from knotd.agent.recognition import Recognition, parse_recognition
-from knotd.datafiles import parse_toml, read_data_file
+from knotd.conversation.guardrails import TextMatcher, normalize
+from knotd.conversation.recognition import Recognition, StepAnswer, parse_recognition
+from knotd.datafiles import Locator, parse_toml, read_data_file
 from knotd.errors import ConfigError, KnotdError
 
 WIRE_TOPIC = "knotd.phase"
@@ -112,7 +112,7 @@ class PhaseScript:
             ConfigError: for invalid TOML or an invalid script.
         """
         data = parse_toml("session.phases", text, source)
-        return _parse_script(data, source)
+        return _parse_script(data, Locator(source, text))
 
     def phase(self, name: str) -> Phase:
         return self.phases[name]
@@ -265,22 +265,18 @@ class PhaseMachine:
         self.commit(reply)
         return reply
 
-    def recognised_answers(self, *, with_values: bool) -> dict[str, dict[str, Any]]:
+    def recognised_answers(self, *, with_values: bool) -> dict[str, StepAnswer]:
         """The answers to phases with a recognition context, by field, in script order.
 
-        Each is ``{"understood": bool}`` (it named one of the expected terms), plus with ``with_values`` the
-        normalised answer: ``{"understood": true, "answer": "Hals, Kehlkopf"}`` (None when not understood).
-        Phases the caller never answered are left out.
+        Each says whether it was understood (it named one of the expected terms) and, with ``with_values``,
+        keeps its normalised form ("Hals, Kehlkopf"). Phases the caller never answered are left out.
         """
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, StepAnswer] = {}
         for phase in self.script.phases.values():
             if phase.recognition is None or phase.name not in self._answers:
                 continue
             value = phase.recognition.normalise(self._answers[phase.name])
-            entry: dict[str, Any] = {"understood": value is not None}
-            if with_values:
-                entry["answer"] = value
-            out[phase.recognition.field] = entry
+            out[phase.recognition.field] = StepAnswer(value is not None, value if with_values else None, with_values)
         return out
 
     def line(self) -> str:
@@ -341,9 +337,8 @@ def _spoken_answer(answer: str | None) -> str:
 # --- parsing ----------------------------------------------------------------------------------------------
 
 
-def _parse_script(data: dict[str, Any], source: str) -> PhaseScript:
-    def fail(key: str, reason: str) -> ConfigError:
-        return ConfigError(key, reason, source)
+def _parse_script(data: dict[str, Any], locate: Locator) -> PhaseScript:
+    fail = locate.error
 
     unknown = sorted(set(data) - {"script", "phase"})
     if unknown:
@@ -401,7 +396,7 @@ def _parse_script(data: dict[str, Any], source: str) -> PhaseScript:
                            f"{field_name!r} is already the field of phase {fields[field_name]}")
             fields[field_name] = phase.name
     return PhaseScript(phases, initial, interrupts, anywhere, texts["reprompt"].strip(), texts["finished"].strip(),
-                       texts["instructions"].strip(), texts["guidance"].strip(), source)
+                       texts["instructions"].strip(), texts["guidance"].strip(), locate.source)
 
 
 def _parse_phase(name: str, raw: Any, fail: Callable[[str, str], ConfigError]) -> Phase:

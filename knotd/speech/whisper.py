@@ -20,7 +20,7 @@ Whisper's no-speech probability is above `stt.no_speech_threshold` (on silence a
 2.4, Whisper's own hallucination test; "Ich bin der Knotencheck. Ich bin der Knotencheck. …" on 8 s of
 silence at a no-speech probability of 0.34); `Transcript.dropped` says why.
 
-This module does not load the model (see `knotd.agent.models`), does not detect speech (VAD does) and does
+This module does not load the model (see `knotd.speech.models`), does not detect speech (VAD does) and does
 not import livekit, so the daemon can load and self-test Whisper while livekit is still being imported.
 """
 
