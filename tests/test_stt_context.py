@@ -48,6 +48,13 @@ def settings(model_dir) -> SttSettings:
     return SttSettings(model=str(model_dir))
 
 
+@pytest.fixture(scope="module")
+def models(model_dir):
+    """Whisper and Silero as the daemon loads them, once for the session-level tests."""
+    register_plugins()
+    return load_models(Settings(stt=SttSettings(model=str(model_dir))))
+
+
 def prompt_for(script: PhaseScript, phase: str) -> str:
     return script.phase(phase).recognition.prompt(script.phase(phase).say)
 
@@ -113,7 +120,7 @@ async def test_sessions_on_one_model_each_transcribe_with_their_own_context(scri
         assert contains_words(text, (word,), min_ratio=1.0), (phase, text)
 
 
-async def test_the_demo_session_summarises_the_answers_it_understood(model_dir, tmp_path):
+async def test_the_demo_session_summarises_the_answers_it_understood(models, model_dir, tmp_path):
     """The whole check on local audio with the bundled answers, as `knotd demo` runs it (speculative STT with
     each phase's context): the summary record keeps one entry per check step, normalised when transcripts
     may be kept, else only whether the answer was understood.
@@ -121,10 +128,8 @@ async def test_the_demo_session_summarises_the_answers_it_understood(model_dir, 
     Only the duration is asserted word for word: Whisper base hears that clip the same every time, while
     the other clips' transcripts vary with where the VAD cuts them (benchmarks/stt_context.py measures it).
     """
-    register_plugins()
     settings = Settings(stt=SttSettings(model=str(model_dir)),
                         session=SessionSettings(state_dir=str(tmp_path), record_transcripts=True))
-    models = load_models(settings)
     clips = [read_wav(p) for p in bundled_requests()]
     result = await converse(AgentResources.load(settings, models), session_observers(settings, DaemonState()), clips,
                             realtime_playout=False)
@@ -141,3 +146,34 @@ async def test_the_demo_session_summarises_the_answers_it_understood(model_dir, 
     private = result.conversation.machine.recognised_answers(with_values=False)
     assert {k: v.to_record() for k, v in private.items()} == {
         field: {"understood": entry["understood"]} for field, entry in answers.items()}
+
+
+async def test_the_speculative_run_is_transcribed_with_the_sessions_context(script, models, model_dir):
+    """The streaming STT (speculative, on the session's VAD) asks the session for its context as each
+    transcription starts and decodes with it: the place words of the bundled answer come through."""
+    from tests.test_latency import recognise
+
+    prompt = prompt_for(script, "step_location")
+    asked: list[str] = []
+
+    def context() -> str:
+        asked.append(prompt)
+        return prompt
+
+    stt = WhisperSTT(models.whisper, SttSettings(model=str(model_dir), speculative=True), vad=models.vad,
+                     prompt=context)
+    used: list[str | None] = []
+    original = stt.transcribe_frames
+
+    async def spy(frames, language, prompt=None):
+        result = await original(frames, language, prompt)
+        used.append(result.prompt)
+        return result
+
+    stt.transcribe_frames = spy
+    samples = (bundled_pcm("demo_de_2.wav") * 32768).astype(np.int16)
+    events = await recognise(stt, samples)
+
+    text = [e for e in events if e.alternatives][-1].alternatives[0].text
+    assert stt.speculative and asked and used and set(used) == {prompt}
+    assert script.phase("step_location").recognition.normalise(text) == "Hals, Kehlkopf", text
