@@ -39,7 +39,7 @@ from benchmarks._machine import describe as describe_machine
 from knotd.config import SttSettings
 from knotd.conversation.phases import PhaseScript
 from knotd.speech.whisper import Transcript, WhisperTranscriber, is_prompt_echo
-from tests.audio import normalize_words, whisper_base_dir
+from tests.audio import edit_distance, normalize_words, whisper_base_dir
 from tests.phase_answers import ANSWERS, HELD_BACK, NOISES, TUNING, Answer, answer_pcm, noise_pcm, rendering
 
 SETS = {"held-back": HELD_BACK, "tuning": TUNING, "all": ANSWERS}
@@ -51,16 +51,6 @@ DIGITS = {str(i): w for i, w in enumerate(
 def words(text: str) -> list[str]:
     """Lowercase words, digits as German number words (Whisper writes "3 Wochen" for "drei Wochen")."""
     return [DIGITS.get(w, w) for w in normalize_words(text)]
-
-
-def edit_distance(ref: list[str], hyp: list[str]) -> int:
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
 
 
 class Side:

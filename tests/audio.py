@@ -123,13 +123,18 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     ref, hyp = normalize_words(reference), normalize_words(hypothesis)
     if not ref:
         return float(bool(hyp))
+    return edit_distance(ref, hyp) / len(ref)
+
+
+def edit_distance(ref: list[str], hyp: list[str]) -> int:
+    """Word-level Levenshtein distance: substitutions, insertions and deletions turning `ref` into `hyp`."""
     prev = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         cur = [i] + [0] * len(hyp)
         for j, h in enumerate(hyp, 1):
             cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
         prev = cur
-    return prev[-1] / len(ref)
+    return prev[-1]
 
 
 def contains_words(text: str, words: tuple[str, ...] | list[str], *, min_ratio: float = 0.8) -> bool:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from knotd.conversation.phases import PhaseMachine, PhaseScript
-from knotd.errors import ConfigError
 from knotd.speech.whisper import is_prompt_echo
+from tests import test_phases as phase_tests
 
 STEPS = {"step_location": "location", "step_size": "size", "step_since": "since", "step_changes": "changes"}
 
@@ -122,14 +122,8 @@ terminal = true
      ["phase.end.recognition.field", "already the field of phase ask"]),
 ])
 def test_bad_recognition_context_is_one_line_naming_the_field(tmp_path, recognition, other, fragments):
-    path = tmp_path / "phases.toml"
-    path.write_text(SCRIPT.replace("{recognition}", recognition).replace("{other}", other), encoding="utf-8")
-    with pytest.raises(ConfigError) as info:
-        PhaseScript.load(path)
-    message = str(info.value)
-    assert "\n" not in message and str(path) in message
-    for fragment in fragments:
-        assert fragment in message
+    content = SCRIPT.replace("{recognition}", recognition).replace("{other}", other)
+    phase_tests.test_bad_script_gives_one_line_naming_file_phase_and_field(tmp_path, content, fragments)
 
 
 @pytest.mark.parametrize(("text", "echo"), [
