@@ -218,3 +218,31 @@ async def standin():
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture
+async def livekit_server(tmp_path):
+    """A real livekit-server on loopback (built by ./dev.sh), with this suite's API key and secret."""
+    from tests.livekit_server import LiveKitServer
+
+    server = LiveKitServer(API_KEY, API_SECRET, tmp_path / "livekit-server.log")
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def callers():
+    """Make `tests.room_caller.Caller`s; every one still in a room leaves at teardown."""
+    from tests.room_caller import Caller
+
+    made: list[Caller] = []
+
+    def make(identity: str, **options) -> Caller:
+        caller = Caller(identity, **options)
+        made.append(caller)
+        return caller
+
+    yield make
+    for caller in made:
+        await caller.leave()
