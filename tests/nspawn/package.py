@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "packaging" / "deb" / "build.sh"
 INSTALL_DOC = ROOT / "docs" / "install.md"
 DEB_NAME = re.compile(r"knotd_[^\s/]+_amd64\.deb")
-MODEL_DEB_NAME = re.compile(r"knotd-model-whisper-base_[^\s/]+_all\.deb")
+MODEL_DEB_NAME = re.compile(r"(?:\./)?knotd-model-whisper-base_[^\s/]+_all\.deb")
 
 
 def upstream_version() -> str:
@@ -69,7 +69,7 @@ def repack_with_version(deb: Path, version: str, out_dir: Path, timeout: float =
 
 def lintian(debs: list[Path], timeout: float = 1800) -> list[str]:
     """lintian's tags for ``debs`` (overrides applied): E:, W:, I: ... lines, without the overridden ones."""
-    proc = subprocess.run(["lintian", "--no-tag-display-limit", "--display-info", *map(str, debs)],
+    proc = subprocess.run(["lintian", "--tag-display-limit", "0", "--display-info", *map(str, debs)],
                           capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode not in (0, 1, 2):  # 1/2: tags were emitted
         raise RuntimeError(f"lintian failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
