@@ -15,7 +15,7 @@
 # Environment:
 #   KNOTD_DIST_DIR      where the packages go (default: dist/)
 #   KNOTD_CI_CACHE      where the build rootfs is cached (default: /var/cache/knotd-ci)
-#   KNOTD_DEB_XZ_LEVEL  xz level for dh_builddeb (default 3, see debian/rules)
+#   KNOTD_DEB_XZ_LEVEL  xz level for dh_builddeb (default 1, see debian/rules)
 set -euo pipefail
 umask 022
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -65,6 +65,7 @@ else
         --bind="$WORK:/build" --bind="$pip_cache:/root/.cache/pip" \
         --bind-ro=/etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/host-ca.crt \
         --setenv=PIP_CERT=/etc/ssl/certs/host-ca.crt --setenv=LANG=C.UTF-8 --setenv=HOME=/root \
+        --setenv=KNOTD_DEB_XZ_LEVEL="${KNOTD_DEB_XZ_LEVEL:-}" \
         sh -c "$build_cmd" >"$WORK/build.log" 2>&1 </dev/null || {
         tail -40 "$WORK/build.log" >&2; echo "build.sh: dpkg-buildpackage in $RELEASE failed (log above)" >&2
         exit 1; }
