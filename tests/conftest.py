@@ -147,8 +147,11 @@ class DaemonProcess:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
 
-def write_config(tmp_path: Path, livekit_url: str, model_dir: Path, status_port: int, **sections: str) -> Path:
-    extra = "\n".join(f"[{name}]\n{textwrap.dedent(body).strip()}\n" for name, body in sections.items())
+def write_config(tmp_path: Path, livekit_url: str, model_dir: Path, status_port: int, *, name: str = "",
+                 session: str = "", **sections: str) -> Path:
+    """Write `knotd{name}.toml` under `tmp_path` (state in `state{name}/`) with `sections` appended as tables;
+    `session` holds extra lines for the [session] table."""
+    extra = "\n".join(f"[{table}]\n{textwrap.dedent(body).strip()}\n" for table, body in sections.items())
     worker = sections.pop("worker", None)
     text = textwrap.dedent(f"""
         [livekit]
@@ -161,16 +164,14 @@ def write_config(tmp_path: Path, livekit_url: str, model_dir: Path, status_port:
         [stt]
         model = "{model_dir}"
 
-        [session]
-        state_dir = "{tmp_path / 'state'}"
-
         [log]
         format = "json"
         level = "debug"
     """)
+    text += f'\n[session]\nstate_dir = "{tmp_path / f"state{name}"}"\n{textwrap.dedent(session).strip()}\n'
     if worker is None:
         text += "\n[worker]\ndrain_timeout_s = 10\nmax_retry = 16\n"
-    path = tmp_path / "knotd.toml"
+    path = tmp_path / f"knotd{name}.toml"
     path.write_text(text + "\n" + extra)
     return path
 
@@ -182,7 +183,9 @@ async def start_daemon(tmp_path, model_dir, notify_socket):
 
     async def start(livekit_url: str, *, env: dict | None = None, **sections: str) -> DaemonProcess:
         port = free_port()
-        config = write_config(tmp_path, livekit_url, model_dir, port, **sections)
+        # The first daemon of a test keeps state/ and knotd.toml; more daemons get their own (state-1/, ...).
+        name = f"-{len(started)}" if started else ""
+        config = write_config(tmp_path, livekit_url, model_dir, port, name=name, **sections)
         log_path = tmp_path / f"knotd-{len(started)}.log"
         full_env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),

@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from knotd.agent.summary import read_records
+from livekit.protocol import agent
+
+from knotd.journal import read_records
 from tests.conftest import API_SECRET, free_port
 
 pytestmark = pytest.mark.models
@@ -79,7 +81,8 @@ async def test_sigterm_drains_and_exits_zero(standin, start_daemon, notify_socke
 async def test_second_sigterm_exits_at_once_with_failure(standin, start_daemon, notify_socket):
     """1. A job holds the drain open (its room never answers). 2. SIGTERM, then SIGTERM again.
 
-    Result: the first starts the drain, the second ends the process at once with a non-zero code.
+    Result: the first starts the drain (STOPPING=1, then EXTEND_TIMEOUT_USEC= while it lasts), the second
+    ends the process at once with a non-zero code.
     """
     daemon = await start_daemon(standin.url, worker="drain_timeout_s = 60")
     await notify_socket.wait_for("READY", timeout=120)
@@ -90,6 +93,9 @@ async def test_second_sigterm_exits_at_once_with_failure(standin, start_daemon, 
         await _wait_sessions(daemon, 1)
         daemon.signal(signal.SIGTERM)
         await notify_socket.wait_for("STOPPING", timeout=5)
+        # While it drains, knotd asks systemd for more time itself (TimeoutStopSec need not track the drain).
+        extend = await notify_socket.wait_for("EXTEND_TIMEOUT_USEC", timeout=5)
+        assert extend.pid == daemon.pid and int(extend.fields["EXTEND_TIMEOUT_USEC"]) >= 10_000_000
         time.sleep(0.5)
         assert daemon.proc.returncode is None, "a running session must hold the drain open"
         began = time.monotonic()
@@ -202,3 +208,47 @@ async def test_a_session_cut_by_the_drain_bound_still_writes_its_summary(standin
         assert await daemon.wait_exit(timeout=60) == 0
     records = read_records(tmp_path / "state")
     assert [(r["session_id"], r["room"], r["outcome"]) for r in records] == [(job.job_id, "drained-room", "drained")]
+
+
+async def test_a_session_whose_room_never_answers_ends_and_frees_its_slot(standin, start_daemon, notify_socket,
+                                                                          tmp_path):
+    """1. A job is dispatched to a room server that accepts the connection and never answers.
+
+    Result: after session.start_timeout_s the session ends with outcome "error" in sessions.jsonl, the
+    daemon has no session left and reports load 0 to LiveKit again.
+    """
+    daemon = await start_daemon(standin.url, session="start_timeout_s = 2")
+    await notify_socket.wait_for("READY", timeout=120)
+    async with _black_hole() as url:
+        job = await standin.dispatch_job("silent-room", url=url)
+        assert job.accepted
+        await _wait_sessions(daemon, 1)
+        deadline = time.monotonic() + 30
+        while not read_records(tmp_path / "state") and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+    records = read_records(tmp_path / "state")
+    assert [(r["room"], r["outcome"]) for r in records] == [("silent-room", "error")]
+    status = json.loads((await daemon.get("/api/status"))[1])
+    assert status["sessions"] == []
+    _, metrics = await daemon.get("/metrics")
+    assert 'knotd_stage_duration_seconds_count{stage="session_start",status="error"} 1.0' in metrics
+
+
+async def test_livekit_knows_the_worker_has_room_when_ready_is_sent(standin, start_daemon, notify_socket):
+    """LiveKit offers a room only to a worker it believes has room, and does not queue it: the worker's
+    "available" status reaches LiveKit together with READY=1, not at livekit's next periodic update (2.5 s
+    after the connection, which is about when knotd becomes ready: without the push it came ≈ 2.4 s late).
+    """
+    daemon = await start_daemon(standin.url)
+    ready = await notify_socket.wait_for("READY", timeout=120)
+    ready_wall = time.time() - (time.monotonic() - ready.at)
+
+    def available():
+        return [r for r in standin.messages if r.kind == "update_worker"
+                and r.message.update_worker.status == agent.WorkerStatus.WS_AVAILABLE]
+
+    await standin.wait_for(lambda: available(), timeout=10, what="an available status")
+    assert available()[0].at - ready_wall < 1.0
+    assert available()[0].message.update_worker.load == 0.0
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit(timeout=30) == 0

@@ -179,15 +179,17 @@ async def test_typed_chat_is_guarded_like_speech(livekit_server, start_daemon, n
 
 
 async def run_rooms(daemon, livekit_server, callers, state_dir: Path, plans: dict, together=None) -> None:
-    """Run one caller per room in `plans` ({room: (plan, Caller options)}) at once, plus `together` (a
-    coroutine function given the room name "room-two"); then check every session ended with one record."""
+    """One caller per room in `plans` ({room: (plan, Caller options)}), plus `together` (a coroutine function
+    given the room name "room-two"): the callers join one after the other (a burst of simultaneous joins is
+    not what these tests are about), then all plans run at once; every session must end with one record."""
+    joined = {}
+    for room, (_, options) in plans.items():
+        joined[room] = await join(callers, livekit_server, f"caller-{room}", room, **options)
+        await greeted(joined[room], timeout=120)
 
     async def one_room(room: str) -> None:
-        plan, options = plans[room]
-        caller = await join(callers, livekit_server, f"caller-{room}", room, **options)
-        await greeted(caller, timeout=120)
-        await plan(caller)
-        await caller.leave()
+        await plans[room][0](joined[room])
+        await joined[room].leave()
 
     rooms = set(plans) | ({"room-two"} if together else set())
     await asyncio.gather(*(one_room(room) for room in plans), *([together("room-two")] if together else []))
@@ -249,6 +251,7 @@ async def test_narrowband_stereo_and_a_second_caller(livekit_server, start_daemo
     await run_rooms(daemon, livekit_server, callers, tmp_path / "state", plans, together=two_callers)
 
 
+@pytest.mark.timeout(600)
 async def test_silence_a_monologue_and_a_caller_who_leaves_mid_sentence(livekit_server, start_daemon,
                                                                         notify_socket, callers, tmp_path):
     """Three rooms at once: 60 s of silence, a three-minute monologue, and a caller who leaves mid-sentence.
@@ -283,3 +286,99 @@ async def test_silence_a_monologue_and_a_caller_who_leaves_mid_sentence(livekit_
         "room-leaves": (leaves_mid_sentence, {}),
     }
     await run_rooms(daemon, livekit_server, callers, tmp_path / "state", plans)
+
+
+async def sessions_by_room(daemon) -> set[str]:
+    status = json.loads((await daemon.get("/api/status"))[1])
+    return {s["room"] for s in status["sessions"]}
+
+
+async def test_two_daemons_share_the_rooms_and_a_stopping_one_drains(livekit_server, start_daemon, notify_socket,
+                                                                     callers, tmp_path):
+    """Two daemons (max_sessions = 2 each) on one LiveKit server, five rooms with a caller each.
+
+    Result: both take sessions, neither more than two; the fifth room gets no agent while both are full
+    (livekit-server 1.13 does not queue the job: "no worker is available"). SIGTERM to one: /readyz says
+    draining, its callers are still served to the end of their sessions and it exits 0 once they leave; a
+    room opened once the other daemon has a free slot is served by that one, never by the draining one.
+    """
+    one = await ready_daemon(start_daemon, notify_socket, livekit_server, worker="max_sessions = 2")
+    two = await start_daemon(livekit_server.url, worker="max_sessions = 2")
+    await two.wait_http("/readyz", 200, timeout=120)
+    daemons = (one, two)
+
+    rooms = [f"room-{i}" for i in range(1, 5)]
+    people = {}
+    for room in rooms:
+        people[room] = await join(callers, livekit_server, f"caller-{room}", room)
+        await greeted(people[room])
+    placed = [await sessions_by_room(d) for d in daemons]
+    assert [len(p) for p in placed] == [2, 2], placed
+    assert placed[0] | placed[1] == set(rooms)
+
+    fifth = await join(callers, livekit_server, "caller-room-5", "room-5")
+    await asyncio.sleep(10.0)  # LiveKit has had time to offer the job to both daemons
+    assert fifth.agent_identity is None, "no daemon takes a third session"
+    assert [len(await sessions_by_room(d)) for d in daemons] == [2, 2]
+
+    one.signal(signal.SIGTERM)
+    body = json.loads(await one.wait_http("/readyz", 503, timeout=10))
+    assert body["state"] == "draining"
+    # A caller of the draining daemon is still served: its answer moves the conversation on.
+    draining_room = sorted(placed[0])[0]
+    await answered(people[draining_room], "an answer served while draining")
+
+    await fifth.leave()
+
+    # A caller of the other daemon leaves: its free slot takes a new room, never the draining daemon.
+    offers = two.log_text().count("marking as available")
+    await people[sorted(placed[1])[0]].leave()
+    await wait_for(lambda: records(tmp_path / "state-1"), 30, "the record of the room that was left")
+    # LiveKit learns of the free slot with the worker's next status update (every 2.5 s), and dispatches a
+    # job only to a worker it knows is available: wait for that update, as the next caller would.
+    await wait_for(lambda: two.log_text().count("marking as available") > offers, 10, "the free slot announced")
+    sixth = await join(callers, livekit_server, "caller-room-6", "room-6")
+    await greeted(sixth)
+    assert "room-6" in await sessions_by_room(two)
+    assert "room-6" not in await sessions_by_room(one)
+
+    for room in placed[0]:
+        await people[room].leave()
+    assert await one.wait_exit(timeout=60) == 0
+    drained = records(tmp_path / "state")
+    assert sorted(r["room"] for r in drained) == sorted(placed[0])
+    assert {r["outcome"] for r in drained} == {"disconnected"}
+    assert await sessions_by_room(two) == (placed[1] - {sorted(placed[1])[0]}) | {"room-6"}
+
+
+async def test_livekit_server_restart_mid_session(livekit_server, start_daemon, notify_socket, callers, tmp_path):
+    """1. A caller is in a session. 2. The LiveKit server is killed and started again on the same ports.
+
+    Result: /readyz turns 503 (reconnecting), then 200 once the worker has registered again. The session
+    survives: agent and caller re-join the room, the caller's next answer is heard and moves the phase on;
+    when the caller leaves there is exactly one summary record; a new caller is served; nothing hangs.
+    """
+    daemon = await ready_daemon(start_daemon, notify_socket, livekit_server)
+    caller = await join(callers, livekit_server, "caller-before", "room-before")
+    await greeted(caller)
+
+    await livekit_server.stop(signal.SIGKILL)
+    body = json.loads(await daemon.wait_http("/readyz", 503, timeout=30))
+    assert body["state"] == "reconnecting"
+    await livekit_server.start(keep_ports=True)
+    await daemon.wait_http("/readyz", 200, timeout=60)
+
+    await caller.wait_until(lambda: caller.agent_identity in {p.identity for p in caller.room.remote_participants.values()},
+                            60, "the agent back in the room")
+    await answered(caller, "an answer after the restart")
+    await caller.leave()
+    finished = await wait_for(lambda: records(tmp_path / "state"), 60, "the session's record")
+    await asyncio.sleep(1.0)
+    assert [(r["room"], r["outcome"]) for r in records(tmp_path / "state")] == [("room-before", "disconnected")]
+    assert "step_location" in finished[0]["phases_reached"]
+
+    after = await join(callers, livekit_server, "caller-after", "room-after")
+    await greeted(after)
+    assert await sessions_by_room(daemon) == {"room-after"}
+    _, text = await daemon.get("/metrics")
+    assert metric(text, "knotd_worker_registrations_total") >= 2
