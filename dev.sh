@@ -4,7 +4,9 @@
 #
 #   ./dev.sh demo     set up, then run one local Knotencheck session with the status page live
 #   ./dev.sh test     set up, then run the whole test suite (what CI runs)
-#   ./dev.sh deb      build dist/knotd_<version>_amd64.deb
+#   ./dev.sh deb      build the Debian packages (debian/) into dist/: knotd_<version>+deb12_amd64.deb and
+#                     knotd-model-whisper-base_<version>_all.deb; `./dev.sh deb --release trixie --arch-only`
+#                     builds knotd for Debian 13 in a cached trixie rootfs (see packaging/deb/build.sh)
 #   ./dev.sh bench    run the benchmarks and print their tables
 #   ./dev.sh livekit-server   build the pinned livekit-server the room tests run on loopback
 set -euo pipefail
@@ -18,7 +20,9 @@ LIVEKIT_SERVER=$ROOT/.cache/livekit-server/$LIVEKIT_SERVER_VERSION/livekit-serve
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 APT_RUNTIME=(python3.11 python3-venv espeak-ng sox)
-APT_TEST=(prometheus chromium debootstrap systemd-container dpkg-dev iproute2 procps)
+# The Debian source package's Build-Depends (debian/control), to build it with dpkg-buildpackage.
+APT_DEB=(dpkg-dev debhelper dh-virtualenv python3-venv)
+APT_TEST=(prometheus chromium debootstrap systemd-container "${APT_DEB[@]}" lintian iproute2 procps)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -107,8 +111,7 @@ case "$cmd" in
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     deb)
-        apt_install "${APT_RUNTIME[@]}" dpkg-dev
-        venv "test,models"
+        apt_install "${APT_RUNTIME[@]}" "${APT_DEB[@]}"
         as_root packaging/deb/build.sh "$@"
         ;;
     bench)
@@ -123,7 +126,7 @@ case "$cmd" in
         echo "$LIVEKIT_SERVER"
         ;;
     *)
-        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
         [ "$cmd" = help ] || exit 2
         ;;
 esac

@@ -1,10 +1,12 @@
-"""Package numbers: .deb size, build time, install/start/stop/upgrade/purge times in a booted Debian 12,
-and the unit's systemd-analyze exposure score.
+"""Package numbers: .deb sizes, build times, lintian, and install/start/stop/upgrade/purge times in booted
+Debian 12 and Debian 13 containers, and the unit's systemd-analyze exposure score.
 
-    sudo .venv/bin/python benchmarks/package.py [--deb dist/knotd_X_amd64.deb]
+    sudo .venv/bin/python benchmarks/package.py [--debs DIR]
 
-Builds the .deb (unless --deb is given), then runs the root boot tests of tests/test_package.py against it
-and prints what they measured. Needs root, systemd-nspawn and debootstrap, like those tests.
+Builds the packages (unless --debs names a directory holding knotd_*+deb12_amd64.deb, knotd_*+deb13_amd64.deb
+and knotd-model-whisper-base_*_all.deb), then runs the root tests of tests/test_package.py against them and
+prints what they measured. Needs root, systemd-nspawn, debootstrap, debhelper, dh-virtualenv and lintian,
+like those tests.
 """
 
 from __future__ import annotations
@@ -23,65 +25,69 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._machine import cpu_model
-from tests.nspawn.package import build_deb
+from tests.nspawn.package import build_debs
 
+RELEASES = ("bookworm", "trixie")
 ROWS = [
-    ("build_s", "build (venv + model + dpkg-deb zstd)", "s"),
-    ("deb_mb", ".deb size", "MB"),
-    ("installed_mb", "installed size (Installed-Size)", "MB"),
-    ("rootfs_s", "rootfs ready (debootstrap once, then cached)", "s"),
-    ("boot_s", "container boot to 'running'", "s"),
-    ("apt_install_s", "apt install ./knotd.deb (deps from apt cache)", "s"),
-    ("systemctl_start_s", "systemctl start → active (READY=1)", "s"),
-    ("systemctl_stop_s", "systemctl stop (drain, 0 sessions)", "s"),
-    ("apt_upgrade_s", "apt install of a higher version (stop, unpack, start)", "s"),
-    ("apt_purge_s", "apt purge (running knotd)", "s"),
-    ("exposure_offline", "systemd-analyze security --offline (unit file)", ""),
-    ("exposure_container", "systemd-analyze security (installed, booted)", ""),
+    ("build_model_s", "build knotd-model-whisper-base (dpkg-buildpackage -A)", "s", ""),
+    ("model_deb_mb", "knotd-model-whisper-base .deb", "MB", ""),
+    ("build_{r}_s", "build knotd (dpkg-buildpackage -B, venv from PyPI, xz)", "s", "r"),
+    ("deb_{r}_mb", "knotd .deb", "MB", "r"),
+    ("lintian_{r}_s", "lintian on knotd + model", "s", "r"),
+    ("lintian_{r}_info_tags", "lintian I: tags left (E: and W: are 0)", "", "r"),
+    ("rootfs_{r}_s", "rootfs ready (debootstrap once, then cached)", "s", "r"),
+    ("boot_{r}_s", "container boot to 'running'", "s", "r"),
+    ("apt_install_{r}_s", "apt install both .debs (deps from apt cache)", "s", "r"),
+    ("systemctl_start_{r}_s", "systemctl start → active (READY=1, real LiveKit)", "s", "r"),
+    ("systemctl_stop_{r}_s", "systemctl stop (drain, 0 sessions)", "s", "r"),
+    ("apt_upgrade_{r}_s", "apt install of a higher version (stop, unpack, compile, start)", "s", "r"),
+    ("apt_purge_{r}_s", "apt purge (running knotd)", "s", "r"),
+    ("exposure_container_{r}", "systemd-analyze security (installed, booted)", "", "r"),
+    ("exposure_offline", "systemd-analyze security --offline (unit file)", "", ""),
 ]
-
-
-def _cpu() -> str:
-    return cpu_model()
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--deb", type=Path, help="measure this package instead of building one")
+    parser.add_argument("--debs", type=Path, help="measure the packages in this directory instead of building")
     args = parser.parse_args()
     if os.geteuid() != 0:
-        print("benchmarks/package.py: needs root (build namespace, systemd-nspawn)", file=sys.stderr)
+        print("benchmarks/package.py: needs root (dpkg-buildpackage in nspawn, systemd-nspawn)", file=sys.stderr)
         return 2
 
     with tempfile.TemporaryDirectory(prefix="knotd-bench-") as tmp:
         numbers: dict[str, float] = {}
-        deb = args.deb
-        if deb is None:
-            started = time.monotonic()
-            deb, _ = build_deb(Path(tmp) / "dist")
-            numbers["build_s"] = time.monotonic() - started
-        installed_kib = subprocess.run(["dpkg-deb", "-f", str(deb), "Installed-Size"], capture_output=True,
-                                       text=True, check=True).stdout.strip()
-        numbers["installed_mb"] = int(installed_kib) / 1024
+        debs = args.debs
+        if debs is None:
+            debs = Path(tmp) / "dist"
+            debs.mkdir()
+            for key, release, kw in (("build_model_s", "bookworm", {"indep_only": True}),
+                                     ("build_bookworm_s", "bookworm", {"arch_only": True}),
+                                     ("build_trixie_s", "trixie", {"arch_only": True})):
+                started = time.monotonic()
+                build_debs(debs, release, **kw)
+                numbers[key] = time.monotonic() - started
         timings = Path(tmp) / "timings.json"
-        env = {**os.environ, "KNOTD_TEST_DEB": str(deb.resolve()), "KNOTD_PACKAGE_TIMINGS": str(timings),
+        env = {**os.environ, "KNOTD_TEST_DEBS": str(debs.resolve()), "KNOTD_PACKAGE_TIMINGS": str(timings),
                "HF_HUB_OFFLINE": "1"}
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_package.py",
-             "-k", "Boot or exposure"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800, check=False,
+             "-k", "Boot or exposure or lintian"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600, check=False,
         )
         if timings.exists():
-            numbers.update({k: v for k, v in json.loads(timings.read_text()).items() if k != "build_s"})
+            numbers.update({k: v for k, v in json.loads(timings.read_text()).items() if k not in numbers})
         summary = proc.stdout.strip().splitlines()[-1:] or ["(no pytest output)"]
 
-    print(f"knotd package numbers — {os.cpu_count()} cores, {_cpu()}, {platform.release()}")
-    print(f"{'what':<58} {'value':>9}")
-    for key, label, unit in ROWS:
-        if key in numbers:
-            value = numbers[key]
-            print(f"{label:<58} {value:>7.1f} {unit}")
-    print(f"boot tests: {summary[0]}")
+    print(f"knotd package numbers — {os.cpu_count()} cores, {cpu_model()}, {platform.release()}")
+    print(f"{'what':<64} {'Debian 12':>10} {'Debian 13':>10}")
+    for key, label, unit, per_release in ROWS:
+        values = [numbers.get(key.format(r=r)) for r in RELEASES] if per_release else [numbers.get(key), None]
+        if all(v is None for v in values):
+            continue
+        cells = [f"{v:>7.1f} {unit:<2}" if v is not None else f"{'':>10}" for v in values]
+        print(f"{label:<64} {cells[0]:>10} {cells[1]:>10}")
+    print(f"package tests: {summary[0]}")
     return 0 if proc.returncode == 0 else 1
 
 

@@ -126,6 +126,14 @@ def test_check_model_dir_rejects_a_missing_directory(tmp_path):
         check_model_dir(tmp_path / "nope")
 
 
+def test_a_missing_packaged_model_names_its_debian_package(tmp_path, monkeypatch):
+    """knotd only recommends knotd-model-whisper-base: without it the error says what to install."""
+    packaged = tmp_path / "usr" / "share" / "knotd" / "models" / "whisper-base"
+    monkeypatch.setitem(models.PACKAGED_MODELS, packaged, "knotd-model-whisper-base")
+    with pytest.raises(ModelError, match=r"not found: .*whisper-base \(apt install knotd-model-whisper-base"):
+        check_model_dir(packaged)
+
+
 def test_download_offline_fails_with_one_line(tmp_path, monkeypatch):
     """Without the hub the download fails with a one-line ModelError, not a traceback."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

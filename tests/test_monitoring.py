@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from knotd import __version__
 from tests.conftest import ROOT, free_port, write_config
 
 DASHBOARD = ROOT / "packaging" / "grafana" / "knotd.json"
+DASHBOARD_CODE = ROOT / "packaging" / "grafana" / "dashboard.py"
 ALERTS = ROOT / "packaging" / "prometheus" / "knotd-alerts.yml"
 ALERT_TESTS = ROOT / "packaging" / "prometheus" / "knotd-alerts.test.yml"
 SCRAPE_EXAMPLE = ROOT / "packaging" / "prometheus" / "scrape-example.yml"
@@ -128,7 +130,7 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[Query]:
             queries.append(Query(f"annotation {annotation['name']}", expr))
     for variable in dashboard["templating"]["list"]:
         if variable["type"] == "query":
-            promql = label_values_as_promql(variable["definition"])
+            promql = label_values_as_promql(variable["query"]["query"])
             queries.append(Query(f"variable {variable['name']}", expand_grafana_variables(promql)))
     return queries
 
@@ -338,10 +340,21 @@ def test_every_alert_links_its_runbook_section():
         assert anchor == rule["alert"].lower() and anchor in anchors, f"{rule['alert']}: no section #{anchor}"
 
 
+def test_dashboard_json_is_what_its_code_generates():
+    """knotd.json is the output of dashboard.py: an edit to either alone fails here."""
+    spec = importlib.util.spec_from_file_location("knotd_dashboard", DASHBOARD_CODE)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.render() == DASHBOARD.read_text(), (
+        f"{DASHBOARD.name} differs from what {DASHBOARD_CODE.name} generates; regenerate it with "
+        f"`.venv/bin/python packaging/grafana/dashboard.py > packaging/grafana/knotd.json`")
+
+
 def test_dashboard_is_importable_into_grafana():
     """Valid JSON with a Prometheus data-source variable that every panel and query uses."""
     dashboard = load_dashboard()
-    assert dashboard["schemaVersion"] >= 36 and dashboard["id"] is None and dashboard["uid"]
+    assert dashboard["schemaVersion"] >= 36 and dashboard.get("id") is None and dashboard["uid"]
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
     assert {"job", "instance"} <= set(variables)

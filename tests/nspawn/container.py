@@ -1,4 +1,4 @@
-"""Boot a throwaway Debian 12 with systemd in systemd-nspawn and run commands in it.
+"""Boot a throwaway Debian (12 or 13) with systemd in systemd-nspawn and run commands in it.
 
 The container shares the host's network (no ``--private-network``), so a server on the host's loopback is
 reachable from inside and the other way round. ``--volatile=overlay`` keeps every write in a tmpfs that
@@ -52,9 +52,10 @@ class Result:
         return self
 
 
-def ensure_rootfs(cache: Path = DEFAULT_CACHE, timeout: float = 900) -> Path:
-    """The cached bookworm rootfs, debootstrapped first if missing or stale (≈1–2 min once)."""
-    proc = subprocess.run([str(ROOTFS_SCRIPT), str(cache)], capture_output=True, text=True, timeout=timeout,
+def ensure_rootfs(suite: str = "bookworm", cache: Path = DEFAULT_CACHE, timeout: float = 900) -> Path:
+    """The cached rootfs of Debian ``suite`` (bookworm, trixie), debootstrapped first if missing or stale
+    (≈2 min once)."""
+    proc = subprocess.run([str(ROOTFS_SCRIPT), str(cache), suite], capture_output=True, text=True, timeout=timeout,
                           check=False)
     if proc.returncode != 0:
         raise ContainerError(f"building the rootfs failed:\n{proc.stderr[-4000:]}")

@@ -6,6 +6,7 @@ Used by tests/test_package.py and benchmarks/package.py; nothing here asserts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -13,11 +14,7 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 from tests.nspawn.container import Container
 
@@ -25,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "packaging" / "deb" / "build.sh"
 INSTALL_DOC = ROOT / "docs" / "install.md"
 DEB_NAME = re.compile(r"knotd_[^\s/]+_amd64\.deb")
+MODEL_DEB_NAME = re.compile(r"(?:\./)?knotd-model-whisper-base_[^\s/]+_all\.deb")
 
 
 def upstream_version() -> str:
@@ -34,26 +32,28 @@ def upstream_version() -> str:
     return match.group(1)
 
 
-def build_deb(out_dir: Path, *, version: str | None = None, timeout: float = 900) -> tuple[Path, str]:
-    """Run packaging/deb/build.sh into ``out_dir``; returns the .deb and the build's output."""
+def build_debs(out_dir: Path, release: str, *, arch_only: bool = False, indep_only: bool = False,
+               timeout: float = 1800) -> tuple[list[Path], str]:
+    """Run packaging/deb/build.sh (dpkg-buildpackage on debian/) for ``release`` into ``out_dir``.
+
+    Returns the packages built (knotd with ``arch_only``, knotd-model-whisper-base with ``indep_only``,
+    else both) and the build's output.
+    """
     env = {**os.environ, "KNOTD_DIST_DIR": str(out_dir)}
-    if version:
-        env["KNOTD_DEB_VERSION"] = version
-    proc = subprocess.run([str(BUILD_SCRIPT)], env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    args = [str(BUILD_SCRIPT), "--release", release]
+    args += ["--arch-only"] if arch_only else ["--indep-only"] if indep_only else []
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"build.sh failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    debs = sorted(out_dir.glob("knotd_*_amd64.deb"))
-    if len(debs) != 1:
-        raise RuntimeError(f"build.sh left {len(debs)} packages in {out_dir}")
-    return debs[0], proc.stdout + proc.stderr
+    return sorted(out_dir.glob("*.deb")), proc.stdout + proc.stderr
 
 
 def repack_with_version(deb: Path, version: str, out_dir: Path, timeout: float = 300) -> Path:
     """The same package under another version, as an upgrade to test the maintainer scripts with.
 
-    Rebuilding from source would take another 1–2 minutes for an identical tree; what an upgrade
-    exercises (prerm/postinst, conffile handling, the restart) only needs a higher version.
+    Rebuilding from source would take minutes for an identical tree; what an upgrade exercises
+    (prerm/postinst, conffile handling, the restart) only needs a higher version. Uncompressed: it only
+    travels into the test container.
     """
     tree = out_dir / "tree"
     shutil.rmtree(tree, ignore_errors=True)
@@ -61,10 +61,19 @@ def repack_with_version(deb: Path, version: str, out_dir: Path, timeout: float =
     control = tree / "DEBIAN" / "control"
     control.write_text(re.sub(r"^Version: .*$", f"Version: {version}", control.read_text(), flags=re.MULTILINE))
     out = out_dir / f"knotd_{version}_amd64.deb"
-    subprocess.run(["dpkg-deb", "--root-owner-group", "-Zzstd", "--build", str(tree), str(out)],
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-Znone", "--build", str(tree), str(out)],
                    check=True, timeout=timeout, stdout=subprocess.DEVNULL)
     shutil.rmtree(tree, ignore_errors=True)
     return out
+
+
+def lintian(debs: list[Path], timeout: float = 1800) -> list[str]:
+    """lintian's tags for ``debs`` (overrides applied): E:, W:, I: ... lines, without the overridden ones."""
+    proc = subprocess.run(["lintian", "--tag-display-limit", "0", "--display-info", *map(str, debs)],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode not in (0, 1, 2):  # 1/2: tags were emitted
+        raise RuntimeError(f"lintian failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return [line for line in proc.stdout.splitlines() if re.match(r"^[EWIPX]: ", line)]
 
 
 def doc_commands(block: str) -> list[str]:
@@ -76,11 +85,16 @@ def doc_commands(block: str) -> list[str]:
     return [line for line in match.group(1).splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
-def as_root_in(line: str, substitutions: dict[str, str], deb: Path | None = None) -> str:
-    """A documented command as the test runs it: as root (no sudo), with the test's values."""
+def as_root_in(line: str, substitutions: dict[str, str], deb: Path | None = None, model_deb: Path | None = None) -> str:
+    """A documented command as the test runs it: as root (no sudo), with the test's values and package files.
+
+    ``deb`` and ``model_deb`` are paths inside the container; the command runs in ``deb``'s directory.
+    """
     line = line.replace("sudo ", "")
     for placeholder, value in substitutions.items():
         line = line.replace(placeholder, value)
+    if model_deb is not None:
+        line = MODEL_DEB_NAME.sub(str(model_deb), line)
     if deb is not None and DEB_NAME.search(line):
         line = f"cd {shlex.quote(str(deb.parent))} && " + DEB_NAME.sub(deb.name, line)
     return line
@@ -92,49 +106,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class StandinProcess:
-    """The LiveKit protocol stand-in (tests/livekit_standin.py) as a host process on loopback."""
+class LiveKitProcess:
+    """A real livekit-server (tests/livekit_server.py) on the host's loopback, driven from synchronous tests.
+
+    The boot tests are synchronous, and the container reaches the host's loopback (shared network), so the
+    server runs as a host process on its own event loop; ``registered_workers()`` reads its log.
+    """
 
     def __init__(self, api_key: str, api_secret: str, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"ws://127.0.0.1:{self.port}"
+        from tests.livekit_server import LiveKitServer
+
         self.log_path = log_path
-        env = {**os.environ, "LIVEKIT_API_KEY": api_key, "LIVEKIT_API_SECRET": api_secret}
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.livekit_standin", "--host", "127.0.0.1", "--port", str(self.port)],
-                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
-            )
+        self._loop = asyncio.new_event_loop()
+        self._server = LiveKitServer(api_key, api_secret, log_path)
 
-    def wait_ready(self, timeout: float = 30) -> None:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        buffer = b""
-        while time.monotonic() < deadline:
-            chunk = self.proc.stdout.read() or b""
-            buffer += chunk
-            if b"READY " in buffer:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"stand-in not ready in {timeout}s: {buffer!r} {self.log_path.read_text()[-2000:]}")
+    @property
+    def url(self) -> str:
+        return self._server.url
 
-    def state(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_standin/state", timeout=5) as resp:
-            return json.load(resp)
+    def start(self) -> None:
+        self._loop.run_until_complete(self._server.start())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        try:
+            self._loop.run_until_complete(self._server.stop())
+        finally:
+            self._loop.close()
+
+    def registered_workers(self) -> set[str]:
+        """Worker ids the server logged as registered."""
+        ids = set()
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"worker registered"' in line:
+                ids.add(json.loads(line).get("workerID", ""))
+        return ids
 
 
 def unit_properties(box: Container, *names: str, unit: str = "knotd.service") -> dict[str, str]:
