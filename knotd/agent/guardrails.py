@@ -115,7 +115,7 @@ class TextMatcher:
         skip = self.skip_negated and negation_exempts
         for regex in self._regexes:
             for m in regex.finditer(normalized):
-                if not (skip and _is_negated(normalized, m.start())):
+                if not (skip and _is_negated(normalized, m.start(), m.end())):
                     return True
         return False
 
@@ -124,11 +124,17 @@ class TextMatcher:
 _CLAUSE_END = re.compile(r"[,.;:!?()\[\]\-–—]|\b(aber|sondern|doch|jedoch|und|oder|weil|dass|but|and|or)\b")
 
 
-def _is_negated(text: str, start: int) -> bool:
-    """True when a negator stands within the two words right before ``start``, in the same clause."""
+def _is_negated(text: str, start: int, end: int) -> bool:
+    """True when a negator governs ``text[start:end]``: it stands within the two words right before it, or
+    closes its clause within three words after it ("ohnmaechtig war ich nicht"), in the same clause."""
     before = text[max(0, start - 60):start]
-    clause = before[max((m.end() for m in _CLAUSE_END.finditer(before)), default=0):]
-    return any(word in NEGATORS for word in _WORD.findall(clause)[-2:])
+    clause_before = before[max((m.end() for m in _CLAUSE_END.finditer(before)), default=0):]
+    if any(word in NEGATORS for word in _WORD.findall(clause_before)[-2:]):
+        return True
+    after = text[end:end + 60]
+    stop = _CLAUSE_END.search(after)
+    clause_after = _WORD.findall(after[:stop.start()] if stop else after)
+    return len(clause_after) <= 3 and bool(clause_after) and clause_after[-1] in NEGATORS
 
 
 @dataclass(frozen=True)
