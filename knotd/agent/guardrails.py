@@ -47,6 +47,10 @@ DIRECTIONS = ("input", "output")
 RULE_DIRECTIONS = ("input", "output", "both")
 ACTIONS = ("block", "redirect")
 
+TOO_LONG_RULE = "input_too_long"
+TOO_LONG_REPLY = "Ihre Nachricht ist zu lang für mich. Bitte sagen Sie es mir kürzer, in ein oder zwei Sätzen."
+DEFAULT_MAX_INPUT_CHARS = 2000
+
 _RULE_KEYS = {"name", "direction", "action", "reply", "words", "patterns", "phase", "skip_negated", "exemplars",
               "threshold"}
 _SEMANTIC_KEYS = {"threshold", "margin", "safe_input", "safe_output"}
@@ -177,28 +181,33 @@ class Guardrail:
     """An immutable, loaded rule set; share one across sessions and threads."""
 
     def __init__(self, rules: Sequence[Rule], source: str = "<rules>", *, semantic: SemanticLayer | None = None,
-                 semantic_config: SemanticConfig | None = None) -> None:
+                 semantic_config: SemanticConfig | None = None,
+                 max_input_chars: int = DEFAULT_MAX_INPUT_CHARS) -> None:
         self.rules = tuple(rules)
+        self.max_input_chars = max_input_chars
         self.source = source
         self.semantic = semantic
         self.semantic_config = semantic_config or SemanticConfig()
         self._by_name = {r.name: r for r in self.rules}
 
     @classmethod
-    def load(cls, path: Path | str | None = None, *, encoder: SentenceEncoder | None = None) -> Guardrail:
+    def load(cls, path: Path | str | None = None, *, encoder: SentenceEncoder | None = None,
+             max_input_chars: int = DEFAULT_MAX_INPUT_CHARS) -> Guardrail:
         """Read a rules file, or the shipped Knotencheck rules when ``path`` is None or empty.
 
         With ``encoder`` the rules' exemplars are embedded and the semantic layer is on; without it the rules
-        alone decide (tests, and ``knotd check-config``).
+        alone decide (tests, and ``knotd check-config``). Input longer than ``max_input_chars`` is refused
+        before any rule or model sees it (rule ``input_too_long``).
 
         Raises:
             ConfigError: one line naming the file, the rule and the field that is wrong.
         """
         text, source = read_data_file("guardrails.rules", path, "guardrails.toml")
-        return cls.parse(text, source=source, encoder=encoder)
+        return cls.parse(text, source=source, encoder=encoder, max_input_chars=max_input_chars)
 
     @classmethod
-    def parse(cls, text: str, source: str = "<rules>", *, encoder: SentenceEncoder | None = None) -> Guardrail:
+    def parse(cls, text: str, source: str = "<rules>", *, encoder: SentenceEncoder | None = None,
+              max_input_chars: int = DEFAULT_MAX_INPUT_CHARS) -> Guardrail:
         """Build a rule set from TOML text; ``source`` names it in errors.
 
         Raises:
@@ -219,7 +228,7 @@ class Guardrail:
             if any(r.name == rule.name for r in rules):
                 raise ConfigError(f"rule[{rule.name}].name", "duplicate rule name", _locate(text, source, rule.name))
             rules.append(rule)
-        guardrail = cls(rules, source, semantic_config=config)
+        guardrail = cls(rules, source, semantic_config=config, max_input_chars=max_input_chars)
         return guardrail.with_encoder(encoder) if encoder is not None else guardrail
 
     def with_encoder(self, encoder: SentenceEncoder) -> Guardrail:
@@ -229,11 +238,16 @@ class Guardrail:
                 for r in self.rules if r.exemplars]
         layer = SemanticLayer(encoder, sets, {"input": config.safe_input, "output": config.safe_output},
                               config.margin)
-        return Guardrail(self.rules, self.source, semantic=layer, semantic_config=config)
+        return Guardrail(self.rules, self.source, semantic=layer, semantic_config=config,
+                         max_input_chars=self.max_input_chars)
 
     def rule_names(self, direction: str) -> tuple[str, ...]:
         """Names of the rules checked in ``direction`` (input or output), in check order."""
         return tuple(r.name for r in self.rules if direction in r.directions)
+
+    def hit_labels(self, direction: str) -> tuple[str, ...]:
+        """Every ``rule`` label a hit in ``direction`` can carry (the rules, and ``input_too_long`` on input)."""
+        return self.rule_names(direction) + ((TOO_LONG_RULE,) if direction == "input" else ())
 
     def check_input(self, text: str) -> Verdict:
         """Check a user's final transcript before the LLM sees it."""
@@ -245,6 +259,9 @@ class Guardrail:
 
     def _check(self, direction: str, text: str) -> Verdict:
         start = time.perf_counter()
+        if direction == "input" and len(text) > self.max_input_chars:
+            return Verdict(False, TOO_LONG_RULE, TOO_LONG_REPLY, "block", None, (), time.perf_counter() - start,
+                           layer="rule")
         normalized = normalize(text)
         checked: list[str] = []
         for rule in self.rules:
@@ -613,4 +630,5 @@ def initialise_metrics(guardrail: Guardrail) -> None:
     for direction in DIRECTIONS:
         for rule in guardrail.rule_names(direction):
             metrics.GUARDRAIL_CHECKS.labels(direction=direction, rule=rule)
+        for rule in guardrail.hit_labels(direction):
             metrics.GUARDRAIL_HITS.labels(direction=direction, rule=rule)

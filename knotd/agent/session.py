@@ -55,8 +55,9 @@ class AgentResources:
 
     @classmethod
     def load(cls, settings: Settings, models: SharedModels) -> AgentResources:
-        """Load the guardrail rules and the phase script (raises ConfigError for a bad file)."""
-        guardrail = Guardrail.load(settings.guardrails.rules or None)
+        """The guardrails ``models`` loaded (or the rules alone) and the phase script (ConfigError for a bad file)."""
+        guardrail = models.guardrail or Guardrail.load(settings.guardrails.rules or None,
+                                                       max_input_chars=settings.guardrails.max_input_chars)
         initialise_metrics(guardrail)
         initialise_llm_metrics()
         script = PhaseScript.load(settings.session.phases or None)
@@ -97,6 +98,8 @@ class KnotencheckAgent(Agent):
                 if verdict.reply:
                     yield verdict.reply
                 return
+        # livekit keeps a blocked message in the chat context; it must never reach an LLM, now or later.
+        chat_ctx = conversation.without_blocked(chat_ctx)
         guard = conversation.guard.sentence_guard()
         spent = 0.0
         error: type[BaseException] | None = None
@@ -159,6 +162,7 @@ class KnotencheckSession:
         self.transcript: list[dict[str, str]] = []
         self.speeches: dict[str, int] = {}
         self._input_checked: set[str] = set()
+        self._blocked: set[str] = set()
         self.room: rtc.Room | None = None
         self._finished: dict[str, Any] | None = None
         self._closed = asyncio.Event()
@@ -289,14 +293,24 @@ class KnotencheckSession:
         with stage("input_guard"):
             verdict = self.guard.check_input(message.text_content or "", key=message.id)
         if not verdict.allowed:
+            self._blocked.add(message.id)
             self.guard_hit("input", verdict)
             if verdict.phase and self.machine.can_advance(verdict.phase):
                 self.machine.advance(verdict.phase)
         return verdict
 
+    def without_blocked(self, chat_ctx: llm.ChatContext) -> llm.ChatContext:
+        """``chat_ctx`` without the user messages the input guard stopped (a copy when there are any)."""
+        if not self._blocked or not any(item.id in self._blocked for item in chat_ctx.items):
+            return chat_ctx
+        kept = chat_ctx.copy()
+        kept.items[:] = [item for item in kept.items if item.id not in self._blocked]
+        return kept
+
     def guard_hit(self, direction: str, verdict: Verdict) -> None:
         self.state.guardrail_hit(self.session_id, direction, verdict.rule or "unknown")
-        log.info("guardrail_hit", session_id=self.session_id, direction=direction, rule=verdict.rule)
+        log.info("guardrail_hit", session_id=self.session_id, direction=direction, rule=verdict.rule,
+                 layer=verdict.layer, score=None if verdict.score is None else round(verdict.score, 3))
 
     # -- the end ------------------------------------------------------------------------------------
     def _shutdown_outcome(self) -> str:
@@ -377,6 +391,8 @@ def make_entrypoint(settings: Settings, models: SharedModels, state: DaemonState
 
 
 def describe_models(models: SharedModels) -> str:
-    """For the status page: which Whisper model, how it runs."""
+    """For the status page: which Whisper model, how it runs, and the guardrails' sentence encoder."""
     stt = models.transcriber.settings
-    return f"whisper {Path(stt.model).name} ({stt.compute_type}, {stt.num_workers} workers), silero vad"
+    guard = models.guardrail
+    encoder = f", guardrails + {guard.semantic.encoder.name}" if guard is not None and guard.semantic else ""
+    return f"whisper {Path(stt.model).name} ({stt.compute_type}, {stt.num_workers} workers), silero vad{encoder}"
