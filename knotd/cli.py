@@ -145,17 +145,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     import json
 
     settings = load_settings(args.config, require_livekit=not args.offline)
+    from knotd.agent.guardrails import Guardrail
     from knotd.agent.models import check_model_dir
     from knotd.errors import ModelError
+
+    Guardrail.load(settings.guardrails.rules or None)  # a bad rules file is a config error here, not at start
 
     try:
         check_model_dir(Path(settings.stt.model))
         model_note = "model directory complete"
     except ModelError as err:
         raise ConfigError("stt.model", str(err)) from None
-    from knotd.agent.guardrails import Guardrail
-
-    Guardrail.load(settings.guardrails.rules or None)  # a bad rules file is a config error here, not at start
     print(json.dumps(public_view(settings), indent=2))
     print(f"knotd: config OK: {settings.source} ({model_note})", file=sys.stderr)
     return EXIT_OK

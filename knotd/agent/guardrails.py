@@ -52,7 +52,7 @@ TOO_LONG_REPLY = "Ihre Nachricht ist zu lang für mich. Bitte sagen Sie es mir k
 DEFAULT_MAX_INPUT_CHARS = 2000
 
 _RULE_KEYS = {"name", "direction", "action", "reply", "words", "patterns", "phase", "skip_negated", "exemplars",
-              "threshold"}
+              "output_exemplars", "threshold"}
 _SEMANTIC_KEYS = {"threshold", "margin", "safe_input", "safe_output"}
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
@@ -151,6 +151,15 @@ class Rule:
     phase: str | None = None
     exemplars: tuple[str, ...] = ()
     threshold: float | None = None
+    output_exemplars: tuple[str, ...] = ()
+
+    def exemplars_for(self, direction: str) -> tuple[str, ...]:
+        """The exemplars the semantic layer compares ``direction``'s text with (none if the rule skips it)."""
+        if direction not in self.directions:
+            return ()
+        if direction == "output" and self.output_exemplars:
+            return self.output_exemplars
+        return self.exemplars
 
 
 @dataclass(frozen=True)
@@ -234,8 +243,9 @@ class Guardrail:
     def with_encoder(self, encoder: SentenceEncoder) -> Guardrail:
         """The same rules with the semantic layer on: every exemplar embedded once, now."""
         config = self.semantic_config
-        sets = [ExemplarSet(r.name, r.directions, r.exemplars, config.threshold if r.threshold is None else r.threshold)
-                for r in self.rules if r.exemplars]
+        sets = [ExemplarSet(r.name, frozenset({direction}), r.exemplars_for(direction),
+                            config.threshold if r.threshold is None else r.threshold)
+                for direction in DIRECTIONS for r in self.rules if r.exemplars_for(direction)]
         layer = SemanticLayer(encoder, sets, {"input": config.safe_input, "output": config.safe_output},
                               config.margin)
         return Guardrail(self.rules, self.source, semantic=layer, semantic_config=config,
@@ -347,6 +357,9 @@ def _parse_rule(raw: Any, index: int, text: str, source: str) -> Rule:
     words = _string_list(raw, "words", fail)
     patterns = _string_list(raw, "patterns", fail)
     exemplars = _string_list(raw, "exemplars", fail)
+    output_exemplars = _string_list(raw, "output_exemplars", fail)
+    if output_exemplars and direction != "both":
+        raise fail("output_exemplars", "only for direction = \"both\" (otherwise 'exemplars' serve the one direction)")
     if not words and not patterns and not exemplars:
         raise fail("words", "a rule needs at least one entry in 'words', 'patterns' or 'exemplars'")
     skip_negated = raw.get("skip_negated", False)
@@ -367,7 +380,8 @@ def _parse_rule(raw: Any, index: int, text: str, source: str) -> Rule:
             raise fail("patterns", f"invalid regex {pattern!r}: {err}") from None
     directions = frozenset(DIRECTIONS) if direction == "both" else frozenset({direction})
     matcher = TextMatcher(words, patterns, skip_negated=skip_negated)
-    return Rule(name, directions, action, reply.strip(), matcher, phase, tuple(exemplars), threshold)
+    return Rule(name, directions, action, reply.strip(), matcher, phase, tuple(exemplars), threshold,
+                tuple(output_exemplars))
 
 
 def _choice(raw: dict[str, Any], key: str, choices: tuple[str, ...], fail: Callable[[str, str], ConfigError]) -> str:
