@@ -307,8 +307,8 @@ def _parse_semantic(raw: Any, source: str) -> SemanticConfig:
         raise ConfigError("semantic", "must be a table ([semantic])", source)
     unknown = sorted(set(raw) - _SEMANTIC_KEYS)
     if unknown:
-        raise ConfigError(f"semantic.{unknown[0]}", f"unknown field (expected one of {', '.join(sorted(_SEMANTIC_KEYS))})",
-                          source)
+        expected = ", ".join(sorted(_SEMANTIC_KEYS))
+        raise ConfigError(f"semantic.{unknown[0]}", f"unknown field (expected one of {expected})", source)
 
     def fail(key: str, reason: str) -> ConfigError:
         return ConfigError(f"semantic.{key}", reason, source)
