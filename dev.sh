@@ -6,11 +6,15 @@
 #   ./dev.sh test     set up, then run the whole test suite (what CI runs)
 #   ./dev.sh deb      build dist/knotd_<version>_amd64.deb
 #   ./dev.sh bench    run the benchmarks and print their tables
+#   ./dev.sh livekit-server   build the pinned livekit-server the room tests run on loopback
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$PWD
 VENV=$ROOT/.venv
 MODEL_DIR=$ROOT/.cache/models/whisper-base
+# The real LiveKit server the room tests and benchmarks run on loopback, built from its Go module.
+LIVEKIT_SERVER_VERSION=v1.13.5
+LIVEKIT_SERVER=$ROOT/.cache/livekit-server/$LIVEKIT_SERVER_VERSION/livekit-server
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 APT_RUNTIME=(python3.11 python3-venv espeak-ng sox)
@@ -60,6 +64,30 @@ model() {
     "$VENV/bin/knotd" models --dest "$MODEL_DIR" >/dev/null
 }
 
+go_bin() {
+    local go
+    for go in "$(command -v go || true)" /usr/local/go/bin/go /usr/lib/go/bin/go; do
+        [ -n "$go" ] && [ -x "$go" ] && { echo "$go"; return 0; }
+    done
+    # Debian's golang is older than livekit-server's go.mod asks for: with GOTOOLCHAIN=auto the go
+    # command fetches the right toolchain from the Go module proxy.
+    apt_install golang-go ca-certificates
+    command -v go
+}
+
+livekit_server() {
+    if [ ! -x "$LIVEKIT_SERVER" ]; then
+        say "building livekit-server $LIVEKIT_SERVER_VERSION from its Go module (once; cached in .cache/livekit-server)"
+        local gobin
+        gobin=$(dirname "$LIVEKIT_SERVER")
+        mkdir -p "$gobin"
+        GOTOOLCHAIN=auto GOFLAGS=-mod=mod GOBIN=$gobin "$(go_bin)" install \
+            "github.com/livekit/livekit-server/cmd/server@$LIVEKIT_SERVER_VERSION"
+        mv "$gobin/server" "$LIVEKIT_SERVER"
+    fi
+    export KNOTD_LIVEKIT_SERVER=$LIVEKIT_SERVER
+}
+
 cmd=${1:-help}
 shift || true
 case "$cmd" in
@@ -74,6 +102,7 @@ case "$cmd" in
         apt_install "${APT_RUNTIME[@]}" "${APT_TEST[@]}"
         venv "test,models"
         model
+        livekit_server
         say "running the test suite"
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
@@ -86,7 +115,12 @@ case "$cmd" in
         apt_install "${APT_RUNTIME[@]}"
         venv "test,models"
         model
+        livekit_server
         for script in benchmarks/[!_]*.py; do say "$script"; "$VENV/bin/python" "$script"; done
+        ;;
+    livekit-server)
+        livekit_server
+        echo "$LIVEKIT_SERVER"
         ;;
     *)
         sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._machine import describe  # noqa: I001
-from knotd.agent.guardrails import Guardrail
+from knotd.conversation.guardrails import Guardrail
 from knotd.conversation.semantic import SentenceEncoder
 
 DATA = ROOT / "benchmarks" / "data" / "guardrail_utterances.tsv"

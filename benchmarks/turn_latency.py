@@ -91,15 +91,17 @@ def speech_ends(audible_at: list[float], gap_s: float = 0.6) -> list[float]:
 
 async def run_sessions(shared, clips, microphone: type, count: int) -> tuple[list[dict[str, float]], list[str]]:
     """`count` conversations at once over all clips; their per-turn components and user transcripts."""
-    from knotd.agent import demo
+    from knotd.agent import local_session
+    from knotd.bootstrap import session_observers
     from knotd.state import DaemonState
 
     state = DaemonState(max_sessions=count)
     state.bind_loop(asyncio.get_running_loop())
     microphone.made = []
     # gather() starts the conversations in order and each makes its microphone first: made[i] is result i's.
-    results = await asyncio.gather(*(demo.converse(shared, state, clips, session_id=f"bench-{i}",
-                                                   realtime_playout=False) for i in range(count)))
+    observer = session_observers(shared.settings, state)
+    results = await asyncio.gather(*(local_session.converse(shared, observer, clips, session_id=f"bench-{i}",
+                                                            realtime_playout=False) for i in range(count)))
     turns, said = [], []
     for result, mic in zip(results, microphone.made, strict=True):
         replies = result.conversation.turns.turns[1:]  # the first is the greeting
@@ -138,6 +140,8 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="sessions per mode, interleaved (default 2)")
     parser.add_argument("--concurrent", type=int, default=1,
                         help="sessions talking at once per column (default 1); turns are pooled")
+    parser.add_argument("--json", action="store_true",
+                        help="print the per-turn components of each column as one JSON object, no table")
     parser.add_argument("--silence", default="",
                         help="comma-separated stt.speculative_silence_s values, one column each (default: knotd's)")
     args = parser.parse_args()
@@ -145,11 +149,11 @@ async def main() -> None:
 
     from livekit import rtc
 
-    from knotd.agent import demo, register_plugins
+    from knotd.agent import local_session, register_plugins
     from knotd.agent.local_io import read_wav
-    from knotd.agent.models import load_models
     from knotd.agent.session import AgentResources
     from knotd.config import Settings, SttSettings
+    from knotd.speech.models import load_models
 
     register_plugins()
     stt = SttSettings(model=str(whisper_base_dir()))
@@ -164,8 +168,8 @@ async def main() -> None:
             models)
         for name, silence in columns.items()
     }
-    microphone = make_timed_microphone(demo.ScriptedAudioInput)
-    demo.ScriptedAudioInput = microphone
+    microphone = make_timed_microphone(local_session.ScriptedAudioInput)
+    local_session.ScriptedAudioInput = microphone
 
     clips = []
     for clip in CLIPS:
@@ -191,6 +195,11 @@ async def main() -> None:
             for texts in said:
                 wer[name].extend(word_error_rate(clip.text, text) for clip, text in zip(CLIPS, texts, strict=False))
 
+    if args.json:
+        import json
+
+        print(json.dumps({name: turns[name] for name in columns}))
+        return
     width = 16
     print()
     print(f"{'p50 / p95 (s)':<14}" + "".join(f"{name:>{width}}" for name in columns) + "   target")

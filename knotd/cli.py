@@ -121,18 +121,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     _configure_logging(settings)
 
     from knotd import stages
-    from knotd.agent.models import start_whisper_load
+    from knotd.speech.models import start_whisper_load
 
     stages.record("config", time.perf_counter() - started, source=settings.source)
     notifier.status("loading models")
     # Whisper loads and self-tests in a thread while this thread imports livekit (≈2 s on 2 cores).
     whisper = start_whisper_load(settings)
 
-    from knotd.agent.runtime import KnotencheckRuntime
     from knotd.daemon import Daemon
 
     try:
-        return asyncio.run(Daemon(settings, KnotencheckRuntime(whisper), notifier).run())
+        return asyncio.run(Daemon(settings, notifier, whisper=whisper).run())
     except KnotdError as err:
         import structlog
 
@@ -145,9 +144,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     import json
 
     settings = load_settings(args.config, require_livekit=not args.offline)
-    from knotd.agent.guardrails import Guardrail
-    from knotd.agent.models import check_model_dir
+    from knotd.conversation.guardrails import Guardrail
     from knotd.errors import ModelError
+    from knotd.speech.models import check_model_dir
 
     Guardrail.load(settings.guardrails.rules or None)  # a bad rules file is a config error here, not at start
 
@@ -162,7 +161,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_guard(args: argparse.Namespace) -> int:
-    from knotd.agent.models import load_guardrail
+    from knotd.speech.models import load_guardrail
 
     path = args.config if args.config is not None else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
     settings = load_settings(path, require_livekit=False)
@@ -187,7 +186,7 @@ def cmd_guard(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from knotd.agent.demo import run_demo
+    from knotd.demo import run_demo
 
     settings = load_settings(args.config, require_livekit=False)
     _configure_logging(settings)
@@ -195,7 +194,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from knotd.agent import models
+    from knotd.speech import models
 
     settings = load_settings(args.config, require_livekit=False)
     dest = args.dest or Path(settings.stt.model)

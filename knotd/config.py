@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from knotd.datafiles import Locator, parse_toml, read_data_file
 from knotd.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/knotd/knotd.toml")
@@ -241,19 +241,14 @@ def load_settings(
     source = "<defaults>"
     if path is not None:
         path = Path(path)
-        source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError("", f"file not found: {path}") from None
-        except (PermissionError, IsADirectoryError, UnicodeDecodeError) as err:
-            raise ConfigError("", f"cannot read {path}: {type(err).__name__}") from None
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError("", f"invalid TOML: {err}", str(path)) from None
+        text, source = read_data_file("", path, "")
+        raw = parse_toml("", text, source)
 
-    locate = _Locator(source, text)
+    find = Locator(source, text)
+
+    def locate(section: str | None, key: str | None) -> str | None:
+        return find(".".join(part for part in (section, key) if part))
+
     sections: dict[str, Any] = {}
     for f in dataclasses.fields(Settings):
         if f.name == "source":
@@ -275,28 +270,8 @@ def load_settings(
     return settings
 
 
-class _Locator:
-    """Finds ``file:line`` of a key in the TOML text (tomllib keeps no positions)."""
-
-    def __init__(self, source: str, text: str) -> None:
-        self.source, self.lines = source, text.splitlines()
-
-    def __call__(self, section: str | None, key: str | None) -> str | None:
-        if not self.lines:
-            return None
-        current = None
-        for no, line in enumerate(self.lines, 1):
-            stripped = line.strip()
-            header = re.match(r"^\[\s*([A-Za-z0-9_.-]+)\s*\]", stripped)
-            if header:
-                current = header.group(1)
-                if key is None and current == section:
-                    return f"{self.source}:{no}"
-                continue
-            if key is not None and current == section and re.match(rf"^{re.escape(key)}\s*=", stripped):
-                return f"{self.source}:{no}"
-        return None
-
+# Where a config key stands: locate(section, key) -> "file:line", or None when it is not in the file.
+_Locate = Callable[[str | None, str | None], str | None]
 
 # Keys holding file system paths; relative values are taken relative to the config file's directory.
 _PATH_KEYS = ("stt.model", "tts.piper_model", "guardrails.rules", "session.phases", "session.state_dir")
@@ -313,7 +288,7 @@ def _resolve_relative_paths(sections: dict[str, Any], base: Path) -> dict[str, A
     return sections
 
 
-def _build_section(name: str, factory: Any, values: dict[str, Any], locate: _Locator) -> Any:
+def _build_section(name: str, factory: Any, values: dict[str, Any], locate: _Locate) -> Any:
     defaults = factory()
     kwargs: dict[str, Any] = {}
     known = {f.name: f for f in dataclasses.fields(defaults)}
@@ -391,7 +366,7 @@ def _toml_type(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _apply_secrets(settings: Settings, env: Mapping[str, str], locate: _Locator) -> Settings:
+def _apply_secrets(settings: Settings, env: Mapping[str, str], locate: _Locate) -> Settings:
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     for dotted, (env_name, cred_name) in SECRET_SOURCES.items():
         section_name, key = dotted.split(".")
@@ -423,7 +398,7 @@ def _read_credential(cred_dir: str, name: str, dotted: str) -> str | None:
         raise ConfigError(dotted, f"cannot read credential {path}: {type(err).__name__}") from None
 
 
-def _check_cross_field(settings: Settings, require_livekit: bool, locate: _Locator) -> None:
+def _check_cross_field(settings: Settings, require_livekit: bool, locate: _Locate) -> None:
     lk = settings.livekit
     if require_livekit:
         if not lk.url:

@@ -1,9 +1,11 @@
-"""The daemon's lifecycle, and nothing else.
+"""``knotd run``: the daemon's lifecycle, readable top to bottom (startup → main loop → shutdown).
 
-config (done by the CLI, which also starts loading Whisper) → status server listening → LiveKit worker
-started (THREAD executor, on this loop) while the models finish loading → ``worker_registered`` and models
-loaded → ``READY=1`` → wait for a stop signal → ``STOPPING=1`` → drain the worker (bounded) → close. Each
-step is a timed ``stage`` and a ``STATUS=`` line for systemd.
+startup: the shared ``Bootstrap`` (the CLI has loaded the config and started loading Whisper) → status
+server listening → LiveKit worker started (THREAD executor, on this loop) while the models finish loading.
+main loop: ``worker_registered`` and models loaded → ``READY=1`` → wait for a stop signal. shutdown:
+``STOPPING=1`` → drain the worker (bounded, extending systemd's stop timeout meanwhile) → close. Each step is
+a timed ``stage``; every event updates the ``Facts`` and ``knotd.lifecycle.derive`` decides the lifecycle,
+the ``STATUS=`` line and readiness.
 
 Model loading overlaps the livekit import and the worker's connection (issue: fast start). LiveKit is told
 the worker is full (load 1.0) until the models are in, so no job starts before them.
@@ -19,18 +21,19 @@ import concurrent.futures
 import logging
 import os
 import signal
-from typing import Any, Protocol
+from concurrent.futures import Future
+from typing import Any
 
 import structlog
 from aiohttp import web
 
 from knotd import metrics
+from knotd.bootstrap import Bootstrap
 from knotd.config import Settings
 from knotd.errors import WorkerError
+from knotd.lifecycle import Facts, Lifecycle
 from knotd.stages import stage
-from knotd.state import DaemonState, Lifecycle
-from knotd.status.app import LoopMonitor, start_status_server
-from knotd.systemd import Notifier
+from knotd.systemd import Notifier, Ticker
 from knotd.worker import ConnectionWatch, build_server
 
 log = structlog.get_logger(__name__)
@@ -38,70 +41,55 @@ log = structlog.get_logger(__name__)
 FORCED_EXIT_CODE = 130
 
 
-class AgentRuntime(Protocol):
-    """What the daemon needs from the agent: load models once, then a job entrypoint that uses them."""
-
-    def load_models(self, settings: Settings) -> Any: ...
-
-    def describe_models(self, models: Any) -> str: ...
-
-    def build_entrypoint(self, settings: Settings, models: Any, state: DaemonState) -> Any: ...
-
-
 class Daemon:
-    """Runs knotd until stopped. ``run()`` returns the process exit code."""
+    """Runs knotd until stopped. ``run()`` returns the process exit code.
 
-    def __init__(self, settings: Settings, runtime: AgentRuntime, notifier: Notifier) -> None:
+    Args:
+        whisper: a Whisper load already running (``start_whisper_load``); None loads it with the VAD.
+    """
+
+    def __init__(self, settings: Settings, notifier: Notifier, *, whisper: Future[Any] | None = None) -> None:
         self.settings = settings
-        self.runtime = runtime
         self.notifier = notifier
-        self.state = DaemonState(
-            livekit_url=settings.livekit.url,
-            agent_name=settings.livekit.agent_name,
-            max_sessions=settings.worker.max_sessions,
-        )
+        self.boot = Bootstrap(settings, whisper=whisper)
+        self.state = self.boot.state
+        self.facts = Facts(livekit_url=settings.livekit.url)
+        self.ticker = Ticker(notifier)
         self._stop = asyncio.Event()
         self._signals = 0
         # Resolved (on the main loop) with the job entrypoint once the models are loaded; job threads wait on it.
         self._entrypoint: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._sent_ready = False
-        self._last_watchdog = 0.0
 
-    # -- lifecycle --------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        self.state.bind_loop(loop)
-        metrics.initialise(self.settings.worker.max_sessions)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
-
-        monitor = LoopMonitor(on_tick=self._watchdog_tick)
-        monitor.start()
+        self.ticker.start()
         runner: web.AppRunner | None = None
         try:
-            self._set(Lifecycle.LOADING_MODELS, "loading models")
+            self._update()
             models_task = asyncio.create_task(self._load_models(), name="knotd:models")
-            with stage("status_listen"):
-                runner = await start_status_server(self.state, self.settings.status.listen, monitor)
+            runner = await self.boot.start_status_server()
             return await self._serve_worker(models_task)
         finally:
-            await monitor.stop()
+            await self.ticker.stop()
+            await self.boot.close()
             if runner is not None:
                 await runner.cleanup()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
+    # -- startup ----------------------------------------------------------------------------------
     async def _load_models(self) -> None:
-        with stage("model_load"):
-            models = await asyncio.to_thread(self.runtime.load_models, self.settings)
-        self.state.model = self.runtime.describe_models(models)
-        self._entrypoint.set_result(self.runtime.build_entrypoint(self.settings, models, self.state))
+        from knotd.agent.session import make_entrypoint
+
+        resources = await self.boot.load_resources()
+        self._entrypoint.set_result(make_entrypoint(resources, self.boot.observers))
         if self._stop.is_set():
             return
-        if self.state.registered_since is not None:
-            self._become_ready()
-        elif self.state.registrations == 0:
-            self._set(Lifecycle.CONNECTING, f"connecting to {self.settings.livekit.url}")
+        self.facts.models_loaded = True
+        self._update()
 
     async def _job_entrypoint(self, ctx: Any) -> None:
         # Runs in a job thread. LiveKit dispatches nothing before the models are in (load 1.0), but a job
@@ -114,6 +102,7 @@ class Daemon:
             return 1.0
         return min(len(self.state.sessions) / self.settings.worker.max_sessions, 1.0)
 
+    # -- main loop --------------------------------------------------------------------------------
     async def _serve_worker(self, models_task: asyncio.Task[None]) -> int:
         with stage("worker_start"):
             server = build_server(self.settings, self._job_entrypoint, self._load)
@@ -143,10 +132,12 @@ class Daemon:
                 models_task.cancel()
             return await self._drain(server, run_task)
 
+    # -- shutdown ---------------------------------------------------------------------------------
     async def _drain(self, server: Any, run_task: asyncio.Task[None]) -> int:
         timeout = self.settings.worker.drain_timeout_s
-        self.state.set_lifecycle(Lifecycle.DRAINING, "draining")
-        self.notifier.stopping(self.state.status_line())
+        self.facts.draining = True
+        self._update()
+        self.ticker.extend_stop_timeout(True)  # the drain bounds itself; systemd waits as long as it runs
         log.info("draining", sessions=len(self.state.sessions), timeout_s=timeout)
         try:
             with stage("drain", sessions=len(self.state.sessions)):
@@ -156,14 +147,14 @@ class Daemon:
         with stage("worker_close"):
             await server.aclose()
             await asyncio.gather(run_task, return_exceptions=True)
-        self.state.set_lifecycle(Lifecycle.STOPPED, "stopped")
-        self.notifier.status("stopped")
+        self.ticker.extend_stop_timeout(False)
+        self.facts.stopped = True
+        self._update()
         return 0
 
     async def _models_failed(self, server: Any, run_task: asyncio.Task[None], exc: BaseException) -> int:
-        reason = f"model loading failed: {exc}"
-        self.state.set_lifecycle(Lifecycle.FAILED, reason)
-        self.notifier.status(reason)
+        self.facts.failure = f"model loading failed: {exc}"
+        self._update()
         log.error("models_failed", error=str(exc), error_type=type(exc).__name__)
         await server.aclose()
         await asyncio.gather(run_task, return_exceptions=True)
@@ -172,8 +163,8 @@ class Daemon:
     async def _worker_failed(self, server: Any, run_task: asyncio.Task[None]) -> int:
         exc = run_task.exception()
         reason = f"LiveKit worker stopped: {exc}" if exc else "LiveKit worker stopped unexpectedly"
-        self.state.set_lifecycle(Lifecycle.FAILED, reason)
-        self.notifier.status(reason)
+        self.facts.failure = reason
+        self._update()
         log.error("worker_failed", reason=reason)
         await server.aclose()
         raise WorkerError(reason)
@@ -181,33 +172,22 @@ class Daemon:
     # -- events (all on the main loop) --------------------------------------------------------------
     def _on_registered(self, worker_id: str, server_info: Any = None) -> None:
         self.state.worker_registered(worker_id)
+        metrics.WORKER_REGISTERED.set(1)
+        metrics.WORKER_REGISTRATIONS.inc()
         log.info("worker_registered", worker_id=worker_id, registrations=self.state.registrations)
-        if self._stop.is_set():
-            return
-        if self._entrypoint.done():
-            self._become_ready()
-        else:
-            self._set(Lifecycle.LOADING_MODELS, f"loading models (registered as worker {worker_id})")
-
-    def _become_ready(self) -> None:
-        self.state.set_lifecycle(Lifecycle.READY, "ready")
-        if self._sent_ready:
-            self.notifier.status(self.state.status_line())
-            return
-        self._sent_ready = True
-        self.notifier.ready(self.state.status_line())
-        log.info("ready", worker_id=self.state.worker_id)
+        self.facts.worker_id, self.facts.is_registered = worker_id, True
+        self.facts.registrations += 1
+        if not self._stop.is_set():
+            self._update()
 
     def _on_connection_lost(self) -> None:
         # Called from livekit's logging call, on the main loop thread.
-        if self._stop.is_set() or self.state.lifecycle in (Lifecycle.DRAINING, Lifecycle.FAILED):
+        if self._stop.is_set() or self.facts.draining or self.facts.failure is not None:
             return
-        url = self.settings.livekit.url
         self.state.worker_lost()
-        if self.state.registrations > 0:
-            self._set(Lifecycle.RECONNECTING, f"reconnecting to {url}: connection lost")
-        elif self._entrypoint.done():
-            self._set(Lifecycle.CONNECTING, f"connecting to {url}: not reachable yet, retrying")
+        metrics.WORKER_REGISTERED.set(0)
+        self.facts.is_registered, self.facts.connection_failed = False, True
+        self._update()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
@@ -218,14 +198,19 @@ class Daemon:
         log.info("stop_requested", signal=sig.name)
         self._stop.set()
 
-    def _watchdog_tick(self) -> None:
-        interval = self.notifier.watchdog_interval_s
-        if interval is None:
-            return
-        now = asyncio.get_running_loop().time()
-        if now - self._last_watchdog >= interval:
-            self._last_watchdog = now
-            self.notifier.watchdog()
+    def _update(self) -> None:
+        """Derive the lifecycle from the facts; tell the state, the metrics and systemd."""
+        was_draining = self.state.lifecycle is Lifecycle.DRAINING
+        lifecycle = self.boot.apply(self.facts)
+        line = self.state.status_line()
+        if lifecycle is Lifecycle.READY and not self._sent_ready:
+            self._sent_ready = True
+            self.notifier.ready(line)
+            log.info("ready", worker_id=self.state.worker_id)
+        elif lifecycle is Lifecycle.DRAINING and not was_draining:
+            self.notifier.stopping(line)
+        else:
+            self.notifier.status(line)
 
     async def _report_status_changes(self) -> None:
         """Keep systemd's STATUS= current as sessions come and go ("ready: worker AW_x, 2 sessions")."""
@@ -238,10 +223,6 @@ class Daemon:
                 sent = line
 
     # -- helpers ------------------------------------------------------------------------------------
-    def _set(self, lifecycle: Lifecycle, reason: str) -> None:
-        self.state.set_lifecycle(lifecycle, reason)
-        self.notifier.status(self.state.status_line())
-
     async def _first_of(self, awaitable: Any, run_task: asyncio.Task[None]) -> None:
         waiter = asyncio.ensure_future(awaitable)
         await asyncio.wait({waiter, run_task}, return_when=asyncio.FIRST_COMPLETED)

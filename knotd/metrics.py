@@ -7,10 +7,19 @@ series there, and so do the process and platform collectors, so one registry giv
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from knotd import __version__
+
+if TYPE_CHECKING:
+    from knotd.bridge import TaskFailure
+    from knotd.conversation.guardrails import Guardrail, Verdict
+    from knotd.conversation.summary import SessionSummary
 
 # Boundaries at 0.5 s and 0.8 s (the voice-to-voice goal) so quantiles near the target are sharp.
 TURN_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -97,6 +106,72 @@ def initialise(max_sessions: int) -> None:
         SESSIONS.labels(outcome=outcome)
     for result in SPECULATIVE_RESULTS:
         STT_SPECULATIVE.labels(result=result)
+
+
+def initialise_guardrail(guardrail: Guardrail) -> None:
+    """Create every (direction, rule) series at zero so dashboards see zeros, not gaps."""
+    for direction in GUARD_DIRECTIONS:
+        for rule in guardrail.rule_names(direction):
+            GUARDRAIL_CHECKS.labels(direction=direction, rule=rule)
+        for rule in guardrail.hit_labels(direction):
+            GUARDRAIL_HITS.labels(direction=direction, rule=rule)
+
+
+def initialise_phases(phases: Iterable[str]) -> None:
+    """Create every phase's transition series at zero."""
+    for name in phases:
+        PHASE_TRANSITIONS.labels(phase=name)
+
+
+def record_guardrail_verdict(direction: str, verdict: Verdict) -> None:
+    """Count one check in ``knotd_guardrail_checks_total`` (per rule evaluated) and a hit in ``..._hits_total``."""
+    for rule in verdict.checked:
+        GUARDRAIL_CHECKS.labels(direction=direction, rule=rule).inc()
+    if not verdict.allowed and verdict.rule:
+        GUARDRAIL_HITS.labels(direction=direction, rule=verdict.rule).inc()
+
+
+def observe_turn(components: Mapping[str, float]) -> None:
+    """Observe one completed turn's components in ``knotd_turn_latency_seconds``."""
+    for component, value in components.items():
+        TURN_LATENCY.labels(component=component).observe(value)
+
+
+class MetricsObserver:
+    """The sessions' series, as a ``knotd.agent.observer.SessionObserver``: active and finished sessions, phase
+    transitions, turn latency, guardrail checks and hits. (Bridged tasks count themselves in ``knotd.bridge``.)
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+
+    def session_started(self, session_id: str, room: str, phase: str) -> None:
+        with self._lock:
+            self._active += 1
+            SESSIONS_ACTIVE.set(self._active)
+
+    def phase_changed(self, session_id: str, phase: str) -> None:
+        PHASE_TRANSITIONS.labels(phase=phase).inc()
+
+    def turn_completed(self, session_id: str, components: Mapping[str, float]) -> None:
+        observe_turn(components)
+
+    def guard_verdict(self, session_id: str, direction: str, verdict: Verdict) -> None:
+        record_guardrail_verdict(direction, verdict)
+
+    def task_failed(self, failure: TaskFailure) -> None:
+        pass
+
+    def session_finished(self, summary: SessionSummary) -> None:
+        SESSIONS.labels(outcome=summary.outcome).inc()
+        with self._lock:
+            self._active -= 1
+            SESSIONS_ACTIVE.set(self._active)
+
+    @property
+    def is_draining(self) -> bool:
+        return False
 
 
 def render() -> tuple[bytes, str]:

@@ -1,33 +1,28 @@
 """What the daemon is doing right now: lifecycle phase, worker, sessions, recent failures.
 
-One ``DaemonState`` is owned by the ``Daemon`` and read by the status server. Job threads update it
-(sessions, turns, failures) while the main loop reads it, so every access holds a lock, and changes wake
-the main loop's waiters (``/events``) through ``call_soon_threadsafe``.
+One ``DaemonState`` is owned by the daemon (or the demo) and read by the status server through typed
+``StatusSnapshot``s. Sessions report into it as a ``SessionObserver`` from their job threads while the main
+loop reads it, so every access holds a lock, and changes wake the main loop's waiters (``/events``) through
+``call_soon_threadsafe``. It sets no metrics (``knotd.metrics.MetricsObserver`` and the daemon do).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import enum
+import dataclasses
 import threading
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
-from knotd import __version__, metrics, stages
+from knotd import __version__, stages
+from knotd.agent.observer import SessionObserver
 from knotd.bridge import TaskFailure
-
-
-class Lifecycle(enum.Enum):
-    STARTING = "starting"
-    LOADING_MODELS = "loading_models"
-    CONNECTING = "connecting"
-    READY = "ready"
-    RECONNECTING = "reconnecting"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-    FAILED = "failed"
+from knotd.conversation.guardrails import Verdict
+from knotd.conversation.summary import SessionSummary
+from knotd.lifecycle import Lifecycle
+from knotd.status.snapshot import LIVEKIT, ActiveSession, LiveKitInfo, StatusSnapshot, TurnRecord
 
 
 @dataclass
@@ -42,18 +37,12 @@ class SessionInfo:
     last_e2e_s: float | None = None
 
 
-@dataclass(frozen=True)
-class TurnRecord:
-    session_id: str
-    at: float
-    components: dict[str, float]  # eou, stt, llm_ttft, tts_ttfb, e2e (seconds); missing when not measured
-
-
 @dataclass
-class DaemonState:
+class DaemonState(SessionObserver):
     livekit_url: str = ""
     agent_name: str = ""
     model: str = ""
+    mode: str = LIVEKIT
     started_at: float = field(default_factory=time.time)
     lifecycle: Lifecycle = Lifecycle.STARTING
     reason: str = "starting"
@@ -62,7 +51,7 @@ class DaemonState:
     registrations: int = 0
     max_sessions: int = 1
     sessions: dict[str, SessionInfo] = field(default_factory=dict)
-    finished: collections.deque[dict[str, Any]] = field(default_factory=lambda: collections.deque(maxlen=20))
+    finished: collections.deque[SessionSummary] = field(default_factory=lambda: collections.deque(maxlen=20))
     failures: collections.deque[TaskFailure] = field(default_factory=lambda: collections.deque(maxlen=50))
     turns: collections.deque[TurnRecord] = field(default_factory=lambda: collections.deque(maxlen=100))
     guardrail_hits: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -106,10 +95,13 @@ class DaemonState:
     def is_ready(self) -> bool:
         return self.lifecycle is Lifecycle.READY
 
+    @property
+    def is_draining(self) -> bool:
+        return self.lifecycle is Lifecycle.DRAINING
+
     def set_lifecycle(self, lifecycle: Lifecycle, reason: str) -> None:
         with self._lock:
             self.lifecycle, self.reason = lifecycle, reason
-            metrics.READY.set(1 if lifecycle is Lifecycle.READY else 0)
             self._touch()
 
     def worker_registered(self, worker_id: str) -> None:
@@ -117,14 +109,11 @@ class DaemonState:
             self.worker_id = worker_id
             self.registered_since = time.time()
             self.registrations += 1
-            metrics.WORKER_REGISTERED.set(1)
-            metrics.WORKER_REGISTRATIONS.inc()
             self._touch()
 
     def worker_lost(self) -> None:
         with self._lock:
             self.registered_since = None
-            metrics.WORKER_REGISTERED.set(0)
             self._touch()
 
     def status_line(self) -> str:
@@ -138,30 +127,26 @@ class DaemonState:
                 return f"draining: {sessions}"
             return self.reason
 
-    # -- sessions -----------------------------------------------------------------------------------
-    def session_started(self, session_id: str, room: str) -> None:
+    # -- sessions (the SessionObserver; called from job threads) ------------------------------------
+    def session_started(self, session_id: str, room: str, phase: str) -> None:
         with self._lock:
-            self.sessions[session_id] = SessionInfo(session_id, room, time.time())
-            metrics.SESSIONS_ACTIVE.set(len(self.sessions))
+            self.sessions[session_id] = SessionInfo(session_id, room, time.time(), phase=phase)
             self._touch()
 
-    def session_update(self, session_id: str, **changes: Any) -> None:
+    def phase_changed(self, session_id: str, phase: str) -> None:
         with self._lock:
             info = self.sessions.get(session_id)
-            if info is None:
-                return
-            for key, value in changes.items():
-                setattr(info, key, value)
-            self._touch()
+            if info is not None:
+                info.phase = phase
+                self._touch()
 
-    def session_finished(self, session_id: str, summary: dict[str, Any]) -> None:
+    def session_finished(self, summary: SessionSummary) -> None:
         with self._lock:
-            self.sessions.pop(session_id, None)
-            self.finished.append(summary)
-            metrics.SESSIONS_ACTIVE.set(len(self.sessions))
+            self.sessions.pop(summary.session_id, None)
+            self.finished.append(dataclasses.replace(summary, transcript=None))  # transcripts stay in the journal
             self._touch()
 
-    def turn_completed(self, session_id: str, components: dict[str, float]) -> None:
+    def turn_completed(self, session_id: str, components: Mapping[str, float]) -> None:
         with self._lock:
             self.turns.append(TurnRecord(session_id, time.time(), dict(components)))
             info = self.sessions.get(session_id)
@@ -170,9 +155,11 @@ class DaemonState:
                 info.last_e2e_s = components.get("e2e")
             self._touch()
 
-    def guardrail_hit(self, session_id: str, direction: str, rule: str) -> None:
+    def guard_verdict(self, session_id: str, direction: str, verdict: Verdict) -> None:
+        if verdict.allowed:
+            return
         with self._lock:
-            self.guardrail_hits[f"{direction}:{rule}"] += 1
+            self.guardrail_hits[f"{direction}:{verdict.rule or 'unknown'}"] += 1
             info = self.sessions.get(session_id)
             if info is not None:
                 info.guardrail_hits += 1
@@ -187,32 +174,29 @@ class DaemonState:
             self._touch()
 
     # -- views --------------------------------------------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
-        """A JSON-able view for ``/api/status`` and the page. Holds no secrets by construction."""
+    def snapshot(self) -> StatusSnapshot:
+        """A typed view for the status server. Holds no secrets by construction."""
         now = time.time()
         with self._lock:
-            return {
-                "version": __version__,
-                "uptime_s": round(now - self.started_at, 1),
-                "ready": self.is_ready,
-                "state": self.lifecycle.value,
-                "reason": self.reason,
-                "status": self.status_line(),
-                "livekit": {
-                    "url": self.livekit_url,
-                    "agent_name": self.agent_name,
-                    "worker_id": self.worker_id,
-                    "registered_since": self.registered_since,
-                    "registrations": self.registrations,
-                },
-                "model": self.model,
-                "capacity": {"max_sessions": self.max_sessions, "active_sessions": len(self.sessions)},
-                "sessions": [
-                    {**asdict(s), "duration_s": round(now - s.started_at, 1)} for s in self.sessions.values()
-                ],
-                "finished_sessions": list(self.finished)[::-1],
-                "turns": [asdict(t) for t in list(self.turns)[-30:]],
-                "guardrail_hits": dict(self.guardrail_hits),
-                "task_failures": [asdict(f) for f in list(self.failures)[::-1][:20]],
-                "stages": [asdict(s) for s in stages.recent(40)],
-            }
+            return StatusSnapshot(
+                version=__version__,
+                uptime_s=round(now - self.started_at, 1),
+                ready=self.is_ready,
+                state=self.lifecycle.value,
+                reason=self.reason,
+                status=self.status_line(),
+                mode=self.mode,
+                livekit=LiveKitInfo(self.livekit_url, self.agent_name, self.worker_id, self.registered_since,
+                                    self.registrations),
+                model=self.model,
+                max_sessions=self.max_sessions,
+                sessions=tuple(
+                    ActiveSession(**dataclasses.asdict(s), duration_s=round(now - s.started_at, 1))
+                    for s in self.sessions.values()
+                ),
+                finished_sessions=tuple(self.finished)[::-1],
+                turns=tuple(self.turns)[-30:],
+                guardrail_hits=dict(self.guardrail_hits),
+                task_failures=tuple(self.failures)[::-1][:20],
+                stages=tuple(stages.recent(40)),
+            )

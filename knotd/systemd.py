@@ -6,13 +6,17 @@ with a bare ``except:`` and ships only an sdist. libsystemd's own approach is sm
 ``AF_UNIX``/``SOCK_DGRAM`` socket per message, a leading ``@`` meaning the abstract namespace.
 
 The notifier never raises to its caller: systemd being gone must not take the daemon down. A failed send
-is logged once per kind of error.
+is logged once per kind of error. ``Ticker`` sends the periodic messages from the main loop: ``WATCHDOG=1``,
+and ``EXTEND_TIMEOUT_USEC=`` while the daemon drains, so the unit's ``TimeoutStopSec`` needs no step with
+``drain_timeout_s`` (the drain bounds itself; a wedged loop stops the extensions and systemd's timeout wins).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
 from collections.abc import MutableMapping
 
 import structlog
@@ -90,6 +94,68 @@ class Notifier:
     def extend_timeout(self, seconds: float) -> bool:
         """Ask systemd for more time for the current start or stop job (EXTEND_TIMEOUT_USEC)."""
         return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
+
+EXTEND_EVERY_S = 5.0
+EXTEND_WINDOW_S = 20.0  # each extension asks for this long; the next one comes EXTEND_EVERY_S later
+
+
+class Ticker:
+    """Periodic sd_notify messages from the main loop: the watchdog ping, and stop-timeout extensions.
+
+    A blocked main loop sends nothing, so systemd's watchdog (and its stop timeout) see it.
+
+    Args:
+        notifier: where to send; without a watchdog and until ``extend_stop_timeout(True)`` it stays idle.
+    """
+
+    def __init__(self, notifier: Notifier) -> None:
+        self.notifier = notifier
+        self._extending = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_watchdog = float("-inf")
+        self._last_extend = float("-inf")
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="knotd:systemd_ticker")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def extend_stop_timeout(self, on: bool) -> None:
+        """While on, send ``EXTEND_TIMEOUT_USEC=`` every few seconds (a drain in progress)."""
+        self._extending = on
+        self._wake.set()
+
+    def tick(self) -> None:
+        """Send what is due now."""
+        now = time.monotonic()
+        interval = self.notifier.watchdog_interval_s
+        if interval is not None and now - self._last_watchdog >= interval:
+            self._last_watchdog = now
+            self.notifier.watchdog()
+        if self._extending and now - self._last_extend >= EXTEND_EVERY_S:
+            self._last_extend = now
+            self.notifier.extend_timeout(EXTEND_WINDOW_S)
+
+    def _period(self) -> float | None:
+        periods = [p for p in (self.notifier.watchdog_interval_s, EXTEND_EVERY_S if self._extending else None)
+                   if p is not None]
+        return min(periods) if periods else None
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            self.tick()
+            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow stop()'s cancel when a wake-up races it.
+            woken = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({woken}, timeout=self._period())
+            finally:
+                woken.cancel()
 
 
 def _socket_address(address: str) -> str:

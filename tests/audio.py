@@ -149,7 +149,7 @@ def cache_dir() -> Path:
 def whisper_base_dir() -> Path:
     """Whisper base prepared from the [models] packages, where `./dev.sh` puts it ($KNOTD_TEST_MODEL_DIR or
     .cache/models/whisper-base in the checkout); built once, then reused."""
-    from knotd.agent.models import prepare_whisper_base
+    from knotd.speech.models import prepare_whisper_base
 
     default = Path(__file__).resolve().parent.parent / ".cache" / "models" / "whisper-base"
     return prepare_whisper_base(Path(os.environ.get("KNOTD_TEST_MODEL_DIR") or default))

@@ -147,7 +147,9 @@ class DaemonProcess:
         return await asyncio.wait_for(self.proc.wait(), timeout)
 
 
-def write_config(tmp_path: Path, livekit_url: str, model_dir: Path, status_port: int, **sections: str) -> Path:
+def write_config(tmp_path: Path, livekit_url: str, model_dir: Path, status_port: int, *, name: str = "",
+                 **sections: str) -> Path:
+    """Write `knotd{name}.toml` under `tmp_path` (state in `state{name}/`) with `sections` appended."""
     extra = "\n".join(f"[{name}]\n{textwrap.dedent(body).strip()}\n" for name, body in sections.items())
     worker = sections.pop("worker", None)
     text = textwrap.dedent(f"""
@@ -162,7 +164,7 @@ def write_config(tmp_path: Path, livekit_url: str, model_dir: Path, status_port:
         model = "{model_dir}"
 
         [session]
-        state_dir = "{tmp_path / 'state'}"
+        state_dir = "{tmp_path / f'state{name}'}"
 
         [log]
         format = "json"
@@ -170,7 +172,7 @@ def write_config(tmp_path: Path, livekit_url: str, model_dir: Path, status_port:
     """)
     if worker is None:
         text += "\n[worker]\ndrain_timeout_s = 10\nmax_retry = 16\n"
-    path = tmp_path / "knotd.toml"
+    path = tmp_path / f"knotd{name}.toml"
     path.write_text(text + "\n" + extra)
     return path
 
@@ -182,7 +184,9 @@ async def start_daemon(tmp_path, model_dir, notify_socket):
 
     async def start(livekit_url: str, *, env: dict | None = None, **sections: str) -> DaemonProcess:
         port = free_port()
-        config = write_config(tmp_path, livekit_url, model_dir, port, **sections)
+        # The first daemon of a test keeps state/ and knotd.toml; more daemons get their own (state-1/, ...).
+        name = f"-{len(started)}" if started else ""
+        config = write_config(tmp_path, livekit_url, model_dir, port, name=name, **sections)
         log_path = tmp_path / f"knotd-{len(started)}.log"
         full_env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -218,3 +222,31 @@ async def standin():
     await server.start()
     yield server
     await server.stop()
+
+
+@pytest.fixture
+async def livekit_server(tmp_path):
+    """A real livekit-server on loopback (built by ./dev.sh), with this suite's API key and secret."""
+    from tests.livekit_server import LiveKitServer
+
+    server = LiveKitServer(API_KEY, API_SECRET, tmp_path / "livekit-server.log")
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def callers():
+    """Make `tests.room_caller.Caller`s; every one still in a room leaves at teardown."""
+    from tests.room_caller import Caller
+
+    made: list[Caller] = []
+
+    def make(identity: str, **options) -> Caller:
+        caller = Caller(identity, **options)
+        made.append(caller)
+        return caller
+
+    yield make
+    for caller in made:
+        await caller.leave()

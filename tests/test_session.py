@@ -17,12 +17,13 @@ from livekit import rtc
 from prometheus_client import REGISTRY
 
 from knotd.agent import register_plugins
-from knotd.agent.demo import converse
 from knotd.agent.local_io import read_wav
-from knotd.agent.models import load_models
+from knotd.agent.local_session import converse
 from knotd.agent.session import AgentResources, KnotencheckSession
-from knotd.agent.summary import read_records
+from knotd.bootstrap import session_observers
 from knotd.config import Settings, SttSettings
+from knotd.journal import read_records
+from knotd.speech.models import load_models
 from knotd.state import DaemonState
 from tests.audio import cached_clip, contains_words
 
@@ -75,7 +76,7 @@ async def test_spoken_answers_walk_the_knotencheck_and_are_recorded(resources, t
     step_before = sample("knotd_phase_transitions_total", {"phase": "step_location"})
 
     result = await converse(
-        shared, state,
+        shared, session_observers(shared.settings, state),
         [clip("Ja, ich bin einverstanden."), clip("Er sitzt am Hals, neben dem Kehlkopf.")],
         realtime_playout=False,
     )
@@ -102,7 +103,7 @@ async def test_spoken_answers_walk_the_knotencheck_and_are_recorded(resources, t
     assert sample("knotd_turn_latency_seconds_count", {"component": "e2e"}) == e2e_before + 2
     assert sample("knotd_phase_transitions_total", {"phase": "step_location"}) == step_before + 1
     assert state.sessions == {}
-    assert state.finished[-1]["outcome"] == "completed"
+    assert state.finished[-1].outcome == "completed"
 
 
 async def test_emergency_words_get_the_urgent_reply_without_asking_the_llm(resources, tmp_path):
@@ -112,15 +113,16 @@ async def test_emergency_words_get_the_urgent_reply_without_asking_the_llm(resou
     hits_before = sample("knotd_guardrail_hits_total", {"direction": "input", "rule": "emergency"})
 
     result = await converse(
-        shared, state, [clip("Ich habe Schmerzen und bekomme keine Luft.")], realtime_playout=False
+        shared, session_observers(shared.settings, state), [clip("Ich habe Schmerzen und bekomme keine Luft.")],
+        realtime_playout=False,
     )
 
     answer = [text for role, text in history(result) if role == "assistant"][-1]
     assert "112" in answer
     assert sample("knotd_guardrail_hits_total", {"direction": "input", "rule": "emergency"}) == hits_before + 1
     record = result.record
-    assert record["guardrail"]["hits"] == {"input": {"emergency": 1}}
-    assert "step_location" not in record["phases_reached"]
+    assert record.guardrail.hits == {"input": {"emergency": 1}}
+    assert "step_location" not in record.phases_reached
 
 
 async def test_unsafe_llm_output_never_reaches_the_speaker_or_the_transcript(resources, monkeypatch):
@@ -142,13 +144,13 @@ async def test_unsafe_llm_output_never_reaches_the_speaker_or_the_transcript(res
         shared = resources(base_url=llm_server.base_url, model=llm_server.model, timeout_s=10.0)
         state = DaemonState()
         state.bind_loop(asyncio.get_running_loop())
-        result = await converse(shared, state, [], realtime_playout=False)
+        result = await converse(shared, session_observers(shared.settings, state), [], realtime_playout=False)
 
     assert llm_server.requests, "the endpoint LLM was asked"
     everything_said = " ".join(spoken) + " " + json.dumps(history(result), ensure_ascii=False)
     assert "Ibuprofen" not in everything_said and "harmlos" not in everything_said
     assert spoken, "the agent still said something: the guardrail's reply"
-    assert sum(result.record["guardrail"]["hits"].get("output", {}).values()) == 1
+    assert sum(result.record.guardrail.hits.get("output", {}).values()) == 1
 
 
 class FakeParticipant:
@@ -194,7 +196,8 @@ async def wait_until(predicate, timeout: float = 5.0) -> None:
 async def test_phase_is_published_and_rebroadcast_when_a_participant_reconnects(resources):
     state = DaemonState()
     state.bind_loop(asyncio.get_running_loop())
-    conversation = KnotencheckSession(resources(), state, "s-phase", "room-1")
+    shared = resources()
+    conversation = KnotencheckSession(shared, session_observers(shared.settings, state), "s-phase", "room-1")
     room = FakeRoom()
     conversation.attach_room(room)
     published = room.local_participant.published
@@ -211,13 +214,14 @@ async def test_phase_is_published_and_rebroadcast_when_a_participant_reconnects(
     assert (message["phase"], topic, to) == ("consent", "knotd.phase", ["caller"])
     assert message["reached"] == ["greeting", "consent"]
     record = await conversation.aclose("disconnected")
-    assert record["phases_reached"] == ["greeting", "consent"]
+    assert record.phases_reached == ("greeting", "consent")
 
 
 async def test_a_failing_bridged_handler_is_counted_and_the_session_goes_on(resources):
     state = DaemonState()
     state.bind_loop(asyncio.get_running_loop())
-    conversation = KnotencheckSession(resources(), state, "s-fail", "room-2")
+    shared = resources()
+    conversation = KnotencheckSession(shared, session_observers(shared.settings, state), "s-fail", "room-2")
     room = FakeRoom()
     conversation.attach_room(room)
     failed = {"handler": "participant_connected", "outcome": "failed"}
@@ -232,4 +236,4 @@ async def test_a_failing_bridged_handler_is_counted_and_the_session_goes_on(reso
     room.emit("participant_connected", FakeParticipant("caller"))  # the next event is handled normally
     await wait_until(lambda: len(room.local_participant.published) == 1)
     record = await conversation.aclose("disconnected")
-    assert record["task_failures"] == 1
+    assert record.task_failures == 1

@@ -14,10 +14,14 @@ from prometheus_client import Histogram
 
 from knotd import metrics
 from knotd.bridge import TaskFailure
+from knotd.conversation.guardrails import GuardSummary, Verdict
+from knotd.conversation.summary import SessionSummary
+from knotd.lifecycle import Facts, derive
 from knotd.state import DaemonState, Lifecycle
 from knotd.status.app import STREAMS_KEY, create_app
 from knotd.status.latency import Buckets, LatencyHistograms, histogram_quantile, summarise
 from knotd.status.page import format_duration, format_latency
+from knotd.status.snapshot import DEMO
 
 XSS = "<script>alert(1)</script>"
 
@@ -118,7 +122,7 @@ async def test_not_ready_page_says_why(client, state):
 async def test_ready_page_names_the_worker_and_capacity(client, state):
     state.set_lifecycle(Lifecycle.READY, "ready")
     state.worker_registered("AW_test42")
-    state.session_started("s1", "werkstatt-1")
+    state.session_started("s1", "werkstatt-1", "greeting")
     text = visible_text(await page_text(client))
     assert "READY" in text and "NOT READY" not in text
     assert "AW_test42" in text
@@ -126,9 +130,25 @@ async def test_ready_page_names_the_worker_and_capacity(client, state):
     assert "wss://livekit.example" in text and "whisper base int8" in text and "werkstatt-1" in text
 
 
+async def test_demo_page_says_it_is_a_demo_with_local_audio_and_never_none(aiohttp_client, histograms):
+    """1. `knotd demo` has loaded its models (no LiveKit, no worker).
+    Result: the page says DEMO and local audio, shows no LiveKit step as pending, and no "None" anywhere."""
+    demo = DaemonState(agent_name="knotencheck", model="whisper base int8", max_sessions=1, mode=DEMO)
+    demo.bind_loop(asyncio.get_running_loop())
+    demo.set_lifecycle(*derive(Facts(demo=True, models_loaded=True)))
+    client = await aiohttp_client(create_app(demo, histograms=histograms))
+    html = await page_text(client)
+    text = visible_text(html)
+    assert "DEMO" in text and "local audio" in text and "not connected to LiveKit" in text
+    assert "None" not in text and "Registered with LiveKit" not in text
+    assert re.search(r'step-done"><span[^>]*></span>Local audio \(demo, no LiveKit\)', html)
+    body = await (await client.get("/api/status")).json()
+    assert body["mode"] == "demo" and body["ready"] is True
+
+
 async def test_room_names_and_handler_names_are_escaped(client, state):
     """User-controlled text (room names) and code names never become markup, on the page or in /events."""
-    state.session_started("s1", XSS)
+    state.session_started("s1", XSS, "greeting")
     state.task_failed(TaskFailure("s1", "<img src=x onerror=alert(2)>", "ValueError", 1.0))
     html = await page_text(client)
     assert XSS not in html and "<img src=x" not in html
@@ -171,17 +191,18 @@ async def test_page_links_the_machine_endpoints(client):
 
 async def test_page_shows_sessions_turns_guardrails_failures(client, state):
     state.set_lifecycle(Lifecycle.READY, "ready")
-    state.session_started("s1", "werkstatt-2")
-    state.session_update("s1", phase="guided_check")
+    state.session_started("s1", "werkstatt-2", "greeting")
+    state.phase_changed("s1", "guided_check")
     state.turn_completed("s1", {"eou": 0.2, "stt": 0.3, "llm_ttft": 0.15, "tts_ttfb": 0.08, "e2e": 0.91})
-    state.guardrail_hit("s1", "input", "off_topic")
+    state.guard_verdict("s1", "input", Verdict(False, rule="off_topic"))
     state.task_failed(TaskFailure("s1", "publish_phase", "TimeoutError", 1.0))
-    state.session_finished("s0", {  # the record knotd/agent/session.py writes
-        "session_id": "s0", "room": "werkstatt-0", "outcome": "completed", "started_at": 100.0, "ended_at": 160.0,
-        "duration_s": 60.0, "turns": 3, "phases_reached": ["greeting", "summary"], "final_phase": "goodbye",
-        "latency_s": {"e2e": {"n": 3, "p50": 0.64, "p95": 0.7, "max": 0.7}}, "task_failures": 0,
-        "guardrail": {"checks": {}, "hits": {"input": {"off_topic": 2}, "output": {"no_diagnosis": 1}}},
-    })
+    state.session_finished(SessionSummary(
+        session_id="s0", room="werkstatt-0", outcome="completed", started_at=100.0, ended_at=160.0,
+        turns=3, phases_reached=("greeting", "summary"), final_phase="goodbye",
+        latency_s={"e2e": {"n": 3, "p50": 0.64, "p95": 0.7, "max": 0.7}}, task_failures=0,
+        guardrail=GuardSummary(checks={}, hits={"input": {"off_topic": 2}, "output": {"no_diagnosis": 1}},
+                               discarded_chars=0),
+    ))
     html = await page_text(client)
     text = visible_text(html)
     assert "guided_check" in text
@@ -195,11 +216,16 @@ async def test_page_shows_sessions_turns_guardrails_failures(client, state):
     assert re.search(r'data-label="Guardrail hits">3<', html)
 
 
-async def test_finished_session_with_unknown_shape_still_renders(client, state):
-    """The summary record grows with the agent: missing or odd fields show as dashes, not an error."""
-    state.session_finished("s9", {"outcome": 7, "turns": "many", "guardrail_hits": {"off_topic": 2}})
-    text = visible_text(await page_text(client))
-    assert "Latest finished sessions" in text and "session" in text
+async def test_finished_session_with_nothing_measured_still_renders(client, state):
+    """A session that ended before any turn (no room name, no phase, no latency) shows dashes, not an error."""
+    state.session_finished(SessionSummary(
+        session_id="s9", room="", outcome="error", started_at=100.0, ended_at=101.0, phases_reached=(),
+        final_phase="", turns=0, latency_s={}, guardrail=GuardSummary(checks={}, hits={}, discarded_chars=0),
+    ))
+    html = await page_text(client)
+    finished = visible_text(html[html.index('id="finished"'):])
+    assert "Latest finished sessions" in visible_text(html) and "session s9" in finished and "error" in finished
+    assert "—" in finished and "None" not in visible_text(html)
 
 
 # -- latency --------------------------------------------------------------------------------------------------

@@ -1,12 +1,14 @@
-"""sd_notify: path and abstract sockets, UTF-8 status text, no-op without systemd, env cleanup."""
+"""sd_notify: path and abstract sockets, UTF-8 status text, no-op without systemd, env cleanup, the ticker."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
 
-from knotd.systemd import Notifier
+from knotd import systemd
+from knotd.systemd import EXTEND_WINDOW_S, Notifier, Ticker
 
 
 def bound_socket(address):
@@ -58,3 +60,51 @@ def test_status_text_is_kept_on_one_line(tmp_path):
     with bound_socket(path) as sock:
         Notifier(path).status("line one\nREADY=1")
         assert sock.recv(4096) == b"STATUS=line one READY=1"
+
+
+async def test_ticker_pings_the_watchdog_from_the_loop_and_extends_the_stop_timeout_when_draining(tmp_path):
+    """1. A ticker runs with a watchdog of 0.2 s. 2. The daemon starts draining.
+    Result: WATCHDOG=1 arrives on its own; EXTEND_TIMEOUT_USEC= arrives as soon as the drain starts."""
+    path = str(tmp_path / "notify")
+    with bound_socket(path) as sock:
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+
+        async def receive() -> str:
+            return (await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)).decode()
+
+        ticker = Ticker(Notifier(path, watchdog_usec=200_000))
+        ticker.start()
+        try:
+            assert [await receive(), await receive()] == ["WATCHDOG=1", "WATCHDOG=1"]
+            ticker.extend_stop_timeout(True)
+            seen = {await receive() for _ in range(3)}
+            assert f"EXTEND_TIMEOUT_USEC={int(EXTEND_WINDOW_S * 1_000_000)}" in seen
+        finally:
+            await ticker.stop()
+
+
+def test_ticker_extends_only_while_draining_and_is_silent_without_a_watchdog(tmp_path, monkeypatch):
+    monkeypatch.setattr(systemd, "EXTEND_EVERY_S", 0.0)  # every tick is due
+    path = str(tmp_path / "notify")
+    with bound_socket(path) as sock:
+        sock.setblocking(False)
+        ticker = Ticker(Notifier(path))
+
+        def sent() -> list[bytes]:
+            out = []
+            while True:
+                try:
+                    out.append(sock.recv(4096))
+                except BlockingIOError:
+                    return out
+
+        ticker.tick()
+        assert sent() == []
+        ticker.extend_stop_timeout(True)
+        ticker.tick()
+        ticker.tick()
+        assert sent() == [f"EXTEND_TIMEOUT_USEC={int(EXTEND_WINDOW_S * 1_000_000)}".encode()] * 2
+        ticker.extend_stop_timeout(False)
+        ticker.tick()
+        assert sent() == []

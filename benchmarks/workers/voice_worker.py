@@ -12,7 +12,7 @@
   threads, no warm-up) and Silero loaded in every job process by a module-level ``setup_fnc``, and the
   stock 30 s window without speculative transcription (``stt.max_window_s = 5`` turns sized windows off).
 
-Both run the same Knotencheck session code (``KnotencheckSession`` via ``knotd.agent.demo.converse``) on
+Both run the same Knotencheck session code (``KnotencheckSession`` via ``knotd.agent.local_session.converse``) on
 local audio IO inside the real job (thread or process), so only the shape differs. A job's metadata says
 what to do: ``{"kind": "converse", "clips": [wav, …], "out": path}`` runs one conversation and writes its
 per-turn latencies to ``out``; ``{"kind": "probe", "out": path}`` only builds a session and writes when.
@@ -73,24 +73,24 @@ def bench_settings(shape: str, model_dir: str, state_dir: str, url: str = "") ->
 
 
 # -- the job (both shapes) --------------------------------------------------------------------------
-async def run_job(ctx: Any, resources: Any, state: Any, entered_at: float) -> None:
+async def run_job(ctx: Any, resources: Any, observer: Any, entered_at: float) -> None:
     """Do what the job's metadata asks, write the result file, end the job."""
-    from knotd.agent.demo import converse
     from knotd.agent.local_io import read_wav
+    from knotd.agent.local_session import converse
     from knotd.agent.session import KnotencheckSession
 
     order = json.loads(ctx.job.metadata or "{}")
     result: dict[str, Any] = {"job_id": ctx.job.id, "entered_at": entered_at, "pid": os.getpid()}
     try:
         if order.get("kind") == "probe":
-            conversation = KnotencheckSession(resources, state, ctx.job.id, ctx.job.room.name)
+            conversation = KnotencheckSession(resources, observer, ctx.job.id, ctx.job.room.name)
             result["built_at"] = time.time()
             await conversation.aclose("completed")
         else:
             clips = [read_wav(Path(p)) for p in order["clips"]]
-            done = await converse(resources, state, clips, session_id=ctx.job.id, realtime_playout=False)
+            done = await converse(resources, observer, clips, session_id=ctx.job.id, realtime_playout=False)
             result["turns"] = done.conversation.turns.turns
-            result["started_at"] = done.record["started_at"]
+            result["started_at"] = done.record.started_at
             result["user_texts"] = [item.text_content or "" for item in done.conversation.session.history.items
                                     if getattr(item, "role", None) == "user"]
     except Exception as err:  # noqa: BLE001 - any failure is reported to the benchmark, which prints it
@@ -117,7 +117,7 @@ def stock_prewarm(proc: Any) -> None:
     from livekit.plugins import silero
 
     # What the original system's agent module imported at its top, before any job.
-    import knotd.agent.demo
+    import knotd.agent.local_session
     import knotd.agent.session  # noqa: F401
 
     model_dir = os.environ[ENV_MODEL_DIR]
@@ -129,9 +129,10 @@ def stock_prewarm(proc: Any) -> None:
 async def stock_entrypoint(ctx: Any) -> None:
     entered_at = time.time()
     from knotd import metrics
-    from knotd.agent.models import SharedModels
     from knotd.agent.session import AgentResources
-    from knotd.agent.whisper import WhisperTranscriber
+    from knotd.bootstrap import session_observers
+    from knotd.speech.models import SharedModels
+    from knotd.speech.whisper import WhisperTranscriber
     from knotd.state import DaemonState
 
     data = ctx.proc.userdata
@@ -142,7 +143,7 @@ async def stock_entrypoint(ctx: Any) -> None:
     resources = AgentResources.load(settings, models)
     state = DaemonState(agent_name=AGENT_NAME, max_sessions=1)
     state.bind_loop(asyncio.get_running_loop())
-    await run_job(ctx, resources, state, entered_at)
+    await run_job(ctx, resources, session_observers(settings, state), entered_at)
 
 
 def build_stock_server(settings: Any) -> Any:
@@ -168,8 +169,9 @@ def build_stock_server(settings: Any) -> Any:
 def build_knotd_server(settings: Any) -> Any:
     from knotd import metrics
     from knotd.agent import register_plugins
-    from knotd.agent.models import load_models
     from knotd.agent.session import AgentResources
+    from knotd.bootstrap import session_observers
+    from knotd.speech.models import load_models
     from knotd.state import DaemonState
     from knotd.worker import build_server
 
@@ -180,8 +182,10 @@ def build_knotd_server(settings: Any) -> Any:
     state = DaemonState(agent_name=AGENT_NAME, max_sessions=settings.worker.max_sessions)
     state.bind_loop(asyncio.get_running_loop())
 
+    observer = session_observers(settings, state)
+
     async def entrypoint(ctx: Any) -> None:
-        await run_job(ctx, resources, state, time.time())
+        await run_job(ctx, resources, observer, time.time())
 
     def load() -> float:
         return min(len(state.sessions) / settings.worker.max_sessions, 1.0)

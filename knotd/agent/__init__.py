@@ -1,4 +1,4 @@
-"""The Knotencheck voice agent: session, STT, TTS, LLM, guardrails and phases."""
+"""The Knotencheck voice agent, the LiveKit edge: session wiring, STT, TTS and LLM adapters, local audio IO."""
 
 
 def register_plugins() -> None:

@@ -29,8 +29,8 @@ from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConn
 from livekit.plugins import openai as lk_openai
 
 from knotd import metrics
-from knotd.agent.phases import IllegalTransition, PhaseMachine, Reply
 from knotd.config import LlmSettings
+from knotd.conversation.phases import IllegalTransition, PhaseMachine, Reply
 
 log = structlog.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """Speech to text with faster-whisper behind livekit's STT ABC, transcribing speculatively.
 
-`WhisperSTT` wraps the daemon's shared WhisperModel; `knotd.agent.whisper` turns each utterance into text
+`WhisperSTT` wraps the daemon's shared WhisperModel; `knotd.speech.whisper` turns each utterance into text
 with an encoder window sized to it. How utterances are cut depends on `stt.speculative`:
 
 - speculative (default): `WhisperSTT` is a streaming STT. Its `SpeculativeStream` runs its own Silero
@@ -17,7 +17,7 @@ turn detection) asks the stream for that transcript with a flush at the VAD's en
 (`capabilities.manual_flush`); the stream also hands it over by itself once its own VAD has seen as much
 silence as the session's, for turn modes that never flush.
 
-This module does not load models (see `knotd.agent.models`) and does not decide when a turn ends.
+This module does not load models (see `knotd.speech.models`) and does not decide when a turn ends.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ from livekit.agents import vad as lk_vad
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
 
 from knotd import metrics
-from knotd.agent.whisper import (
+from knotd.config import SttSettings
+from knotd.speech.whisper import (
     STOCK_WINDOW_S,
     WHISPER_SAMPLE_RATE,
     WINDOW_BUCKETS_S,
     Transcript,
     WhisperTranscriber,
 )
-from knotd.config import SttSettings
 
 __all__ = ["STOCK_WINDOW_S", "WINDOW_BUCKETS_S", "SpeculativeStream", "Transcript", "WhisperSTT",
            "WhisperTranscriber", "frame_to_whisper_input", "speculative_vad"]

@@ -2,15 +2,14 @@
 
 Routes: ``/`` (page), ``/events`` (the page's live updates, Server-Sent Events), ``/static/`` (its CSS,
 script and icon), ``/api/status`` (JSON), ``/metrics`` (Prometheus), ``/healthz`` (event loop responsive),
-``/readyz`` (ready for sessions, with a JSON reason when not). Handlers only read the ``DaemonState``;
-nothing here changes the daemon.
+``/readyz`` (ready for sessions, with a JSON reason when not). Handlers only read ``StatusSnapshot``s from a
+``SnapshotSource`` (the daemon's state); nothing here changes the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import jinja2
 import structlog
@@ -19,15 +18,15 @@ from aiohttp import web
 from knotd import metrics
 from knotd.config import ListenAddress
 from knotd.errors import KnotdError
-from knotd.state import DaemonState
 from knotd.status import page
 from knotd.status.events import EventStreams, encode_event, stream_events
 from knotd.status.latency import LatencyHistograms, observation_count
+from knotd.status.snapshot import SnapshotSource
 from knotd.status.view import build_page, status_document
 
 log = structlog.get_logger(__name__)
 
-STATE_KEY = web.AppKey("knotd.state", DaemonState)
+SOURCE_KEY = web.AppKey("knotd.snapshots", SnapshotSource)
 LOOP_MONITOR_KEY = web.AppKey("knotd.loop_monitor", "LoopMonitor")
 TEMPLATES_KEY = web.AppKey("knotd.templates", jinja2.Environment)
 HISTOGRAMS_KEY = web.AppKey("knotd.histograms", LatencyHistograms)
@@ -48,15 +47,13 @@ SECURITY_HEADERS = {
 class LoopMonitor:
     """Measures event-loop lag with a ticker; ``/healthz`` fails when the loop was recently stuck.
 
-    The same ticker feeds systemd's watchdog (``on_tick``), so a wedged loop stops the pings and systemd
-    restarts the daemon.
+    (systemd's watchdog has its own ticker on the same loop: ``knotd.systemd.Ticker``.)
     """
 
-    def __init__(self, interval_s: float = 0.5, unhealthy_lag_s: float = 5.0, on_tick: Any = None) -> None:
+    def __init__(self, interval_s: float = 0.5, unhealthy_lag_s: float = 5.0) -> None:
         self.interval_s, self.unhealthy_lag_s = interval_s, unhealthy_lag_s
         self.last_tick = time.monotonic()
         self.max_recent_lag_s = 0.0
-        self._on_tick = on_tick
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -76,8 +73,6 @@ class LoopMonitor:
             # decay, so one stall shows for a while but not forever
             self.max_recent_lag_s = max(lag, self.max_recent_lag_s * 0.9)
             self.last_tick = now
-            if self._on_tick is not None:
-                self._on_tick()
 
     @property
     def healthy(self) -> bool:
@@ -86,16 +81,16 @@ class LoopMonitor:
 
 
 def create_app(
-    state: DaemonState, loop_monitor: LoopMonitor | None = None, *, histograms: LatencyHistograms | None = None,
+    source: SnapshotSource, loop_monitor: LoopMonitor | None = None, *, histograms: LatencyHistograms | None = None,
 ) -> web.Application:
-    """The aiohttp application serving the status routes for ``state``.
+    """The aiohttp application serving the status routes for ``source``'s snapshots.
 
-    ``/events`` waits on ``state.wait_changed``, so ``state.bind_loop()`` must have been called on the
-    loop that serves the app. ``histograms`` defaults to knotd's own stage and turn histograms.
+    ``/events`` waits on ``source.wait_changed``, so it must wake the loop that serves the app
+    (``DaemonState.bind_loop()``). ``histograms`` defaults to knotd's own stage and turn histograms.
     """
     app = web.Application()
     app.on_response_prepare.append(_add_security_headers)
-    app[STATE_KEY] = state
+    app[SOURCE_KEY] = source
     app[LOOP_MONITOR_KEY] = loop_monitor or LoopMonitor()
     app[TEMPLATES_KEY] = page.create_environment()
     app[HISTOGRAMS_KEY] = histograms or LatencyHistograms()
@@ -120,7 +115,7 @@ async def _add_security_headers(request: web.Request, response: web.StreamRespon
 
 async def index(request: web.Request) -> web.Response:
     app = request.app
-    model = build_page(app[STATE_KEY].snapshot(), app[HISTOGRAMS_KEY])
+    model = build_page(app[SOURCE_KEY].snapshot(), app[HISTOGRAMS_KEY])
     return web.Response(text=page.render_index(app[TEMPLATES_KEY], model), content_type="text/html")
 
 
@@ -128,21 +123,21 @@ async def events(request: web.Request) -> web.StreamResponse:
     app = request.app
 
     def render() -> bytes:
-        snapshot = app[STATE_KEY].snapshot()
+        snapshot = app[SOURCE_KEY].snapshot()
         model = build_page(snapshot, app[HISTOGRAMS_KEY])
         return encode_event("status", status_document(snapshot, app[HISTOGRAMS_KEY])) + encode_event(
             "page", page.live_update(app[TEMPLATES_KEY], model)
         )
 
     return await stream_events(
-        request, app[STREAMS_KEY], app[STATE_KEY], render,
+        request, app[STREAMS_KEY], app[SOURCE_KEY], render,
         unseen_changes=lambda: observation_count(app[HISTOGRAMS_KEY]),
     )
 
 
 async def api_status(request: web.Request) -> web.Response:
     app = request.app
-    return web.json_response(status_document(app[STATE_KEY].snapshot(), app[HISTOGRAMS_KEY]))
+    return web.json_response(status_document(app[SOURCE_KEY].snapshot(), app[HISTOGRAMS_KEY]))
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -159,9 +154,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY]
-    snap = {"ready": state.is_ready, "state": state.lifecycle.value, "reason": state.reason}
-    return web.json_response(snap, status=200 if state.is_ready else 503)
+    snapshot = request.app[SOURCE_KEY].snapshot()
+    body = {"ready": snapshot.ready, "state": snapshot.state, "reason": snapshot.reason}
+    return web.json_response(body, status=200 if snapshot.ready else 503)
 
 
 class ListenError(KnotdError):
@@ -170,14 +165,14 @@ class ListenError(KnotdError):
 
 
 async def start_status_server(
-    state: DaemonState, listen: ListenAddress, monitor: LoopMonitor | None = None
+    source: SnapshotSource, listen: ListenAddress, monitor: LoopMonitor | None = None
 ) -> web.AppRunner:
-    """Serve ``create_app(state)`` on ``listen``; the caller owns the runner (``await runner.cleanup()``).
+    """Serve ``create_app(source)`` on ``listen``; the caller owns the runner (``await runner.cleanup()``).
 
     Raises:
         ListenError: the address cannot be bound (in use, not local, no permission).
     """
-    runner = web.AppRunner(create_app(state, monitor), access_log=None, handle_signals=False)
+    runner = web.AppRunner(create_app(source, monitor), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
     try:

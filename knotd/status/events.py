@@ -1,7 +1,7 @@
 """Server-Sent Events for the status page (``/events``): push on every state change, and end on shutdown.
 
 A stream sends ``retry:`` first, then the current events at once, then new events whenever
-``DaemonState.wait_changed`` fires (bursts are coalesced), and a comment line as a heartbeat when nothing
+the snapshot source's ``wait_changed`` fires (bursts are coalesced), and a comment line as a heartbeat when nothing
 changed for a while, so proxies keep the connection and a vanished client is noticed. Streams share one
 rendering per state, so a change costs one render however many browsers watch. Browsers reconnect on their
 own (``EventSource``); every (re)connection starts with the full current state, so no event ids are needed.
@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from knotd.state import DaemonState
+from knotd.status.snapshot import SnapshotSource
 
 HEARTBEAT_S = 15.0
 COALESCE_S = 0.5  # a turn changes several things at once; send them as one update
@@ -67,7 +67,7 @@ HEARTBEAT = b": heartbeat\n\n"
 async def stream_events(
     request: web.Request,
     streams: EventStreams,
-    state: DaemonState,
+    state: SnapshotSource,
     render: Callable[[], bytes],
     *,
     unseen_changes: Callable[[], int] = lambda: 0,

@@ -37,16 +37,22 @@ class Section:
 
 
 def create_environment() -> jinja2.Environment:
-    """The page's jinja2 environment: autoescaping everywhere, unknown names are errors."""
+    """The page's jinja2 environment: autoescaping everywhere, unknown names are errors, None prints as —."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
+        finalize=_no_none,
         trim_blocks=True,
         lstrip_blocks=True,
     )
     env.filters.update(latency=format_latency, duration=format_duration, clock=format_clock, iso=format_iso)
     return env
+
+
+def _no_none(value: Any) -> Any:
+    """A missing value reads as a dash, never as "None"."""
+    return "—" if value is None else value
 
 
 def render_sections(env: jinja2.Environment, page: Page) -> dict[str, Section]:

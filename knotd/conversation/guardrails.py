@@ -20,7 +20,7 @@ A ``Verdict`` says which layer decided (``rule`` or ``model``) and, for the mode
 
 Pieces: ``Guardrail`` (the loaded rules, shared), ``SentenceGuard`` (one streamed reply), ``SessionGuard`` (one
 session: tallies and the closing step), ``guard_llm_output()`` (the output guard as an async generator for
-``Agent.llm_node``), ``record_verdict()`` (the Prometheus counters; the only use of ``knotd.metrics``).
+``Agent.llm_node``). Prometheus counting is ``knotd.metrics.record_guardrail_verdict()``.
 
 This module does not import livekit and does no I/O except reading the rules file in ``Guardrail.load()``.
 Meaning is judged only by the exemplars in the rules file, never by an LLM.
@@ -37,10 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from knotd import metrics
 from knotd.conversation.semantic import ExemplarSet, SemanticLayer, SentenceEncoder
 from knotd.conversation.textnorm import clean_text
-from knotd.datafiles import parse_toml, read_data_file
+from knotd.datafiles import Locator, parse_toml, read_data_file
 from knotd.errors import ConfigError
 
 DIRECTIONS = ("input", "output")
@@ -231,11 +230,12 @@ class Guardrail:
         raw_rules = data.get("rule", [])
         if not isinstance(raw_rules, list) or not raw_rules:
             raise ConfigError("guardrails.rules", "no rules: add at least one [[rule]] table", source)
+        locate = Locator(source, text)
         rules: list[Rule] = []
         for index, raw in enumerate(raw_rules, 1):
-            rule = _parse_rule(raw, index, text, source)
+            rule = _parse_rule(raw, index, locate)
             if any(r.name == rule.name for r in rules):
-                raise ConfigError(f"rule[{rule.name}].name", "duplicate rule name", _locate(text, source, rule.name))
+                raise ConfigError(f"rule[{rule.name}].name", "duplicate rule name", locate.of_value("name", rule.name))
             rules.append(rule)
         guardrail = cls(rules, source, semantic_config=config, max_input_chars=max_input_chars)
         return guardrail.with_encoder(encoder) if encoder is not None else guardrail
@@ -332,14 +332,15 @@ def _similarity(raw: dict[str, Any], key: str, default: float | None,
     return float(value)
 
 
-def _parse_rule(raw: Any, index: int, text: str, source: str) -> Rule:
+def _parse_rule(raw: Any, index: int, locate: Locator) -> Rule:
     label = f"rule[#{index}]"
     if not isinstance(raw, dict):
-        raise ConfigError(label, "must be a table ([[rule]])", source)
+        raise ConfigError(label, "must be a table ([[rule]])", locate.source)
     name = raw.get("name")
     if isinstance(name, str) and _NAME_RE.fullmatch(name):
         label = f"rule[{name}]"
-    where = _locate(text, source, name if isinstance(name, str) else None)
+    # tomllib keeps no positions: the rule's ``name = ...`` line stands for the whole rule
+    where = locate.of_value("name", name) if isinstance(name, str) and name else locate.source
 
     def fail(key: str, reason: str) -> ConfigError:
         return ConfigError(f"{label}.{key}", reason, where)
@@ -398,16 +399,6 @@ def _string_list(raw: dict[str, Any], key: str, fail: Callable[[str, str], Confi
     return value
 
 
-def _locate(text: str, source: str, name: str | None) -> str:
-    """``file:line`` of the rule's ``name = ...`` line when it can be found (tomllib keeps no positions)."""
-    if name:
-        wanted = re.compile(rf"""^\s*name\s*=\s*["']{re.escape(name)}["']""")
-        for number, line in enumerate(text.splitlines(), 1):
-            if wanted.match(line):
-                return f"{source}:{number}"
-    return source
-
-
 # --- streaming output -------------------------------------------------------------------------------------
 
 # A sentence ends at . ! ? or … (plus closing quotes/brackets) followed by white space, or at a line break.
@@ -446,6 +437,7 @@ class SentenceGuard:
         self._context = ""
         self._is_discarded = False
         self.hit: Verdict | None = None
+        self.busy_s = 0.0  # time spent in feed() and flush(): the output_guard stage
 
     @property
     def is_stopped(self) -> bool:
@@ -461,6 +453,13 @@ class SentenceGuard:
         """Add streamed text; return the safe complete sentences (or the reply of a hit)."""
         if self.is_stopped:
             return []
+        started = time.perf_counter()
+        try:
+            return self._feed(chunk)
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    def _feed(self, chunk: str) -> list[str]:
         self._buffer += chunk
         released: list[str] = []
         start = 0
@@ -482,8 +481,12 @@ class SentenceGuard:
         """End of stream: check and release the held text."""
         if self.is_stopped or not self._buffer:
             return []
+        started = time.perf_counter()
         piece, self._buffer = self._buffer, ""
-        return self._release(piece)
+        try:
+            return self._release(piece)
+        finally:
+            self.busy_s += time.perf_counter() - started
 
     def discard(self) -> int:
         """Drop the held text without releasing it and stop; return how many characters were dropped."""
@@ -565,8 +568,8 @@ class SessionGuard:
 
     Args:
         guardrail: the shared rule set.
-        on_verdict: called as ``on_verdict(direction, verdict)`` after every check; pass ``record_verdict``
-            to count checks and hits in Prometheus.
+        on_verdict: called as ``on_verdict(direction, verdict)`` after every check; pass
+            ``knotd.metrics.record_guardrail_verdict`` to count checks and hits in Prometheus.
     """
 
     def __init__(self, guardrail: Guardrail, *, on_verdict: Callable[[str, Verdict], None] | None = None) -> None:
@@ -593,12 +596,6 @@ class SessionGuard:
             self._input_verdicts[key] = verdict
             while len(self._input_verdicts) > _REMEMBERED_INPUTS:
                 del self._input_verdicts[next(iter(self._input_verdicts))]
-        return verdict
-
-    def check_output(self, text: str) -> Verdict:
-        """Check a whole piece of agent text (for example a line passed to ``session.say``); tallied."""
-        verdict = self.guardrail.check_output(text)
-        self._tally("output", verdict)
         return verdict
 
     def sentence_guard(self) -> SentenceGuard:
@@ -629,20 +626,3 @@ class SessionGuard:
             self._hits[direction][verdict.rule] += 1
         if self._on_verdict is not None:
             self._on_verdict(direction, verdict)
-
-
-def record_verdict(direction: str, verdict: Verdict) -> None:
-    """Count one check in ``knotd_guardrail_checks_total`` (per rule evaluated) and a hit in ``..._hits_total``."""
-    for rule in verdict.checked:
-        metrics.GUARDRAIL_CHECKS.labels(direction=direction, rule=rule).inc()
-    if not verdict.allowed and verdict.rule:
-        metrics.GUARDRAIL_HITS.labels(direction=direction, rule=verdict.rule).inc()
-
-
-def initialise_metrics(guardrail: Guardrail) -> None:
-    """Create every (direction, rule) series at zero so dashboards see zeros, not gaps."""
-    for direction in DIRECTIONS:
-        for rule in guardrail.rule_names(direction):
-            metrics.GUARDRAIL_CHECKS.labels(direction=direction, rule=rule)
-        for rule in guardrail.hit_labels(direction):
-            metrics.GUARDRAIL_HITS.labels(direction=direction, rule=rule)

@@ -1,50 +1,47 @@
-"""Session summaries: one JSON record per finished session, appended durably to ``sessions.jsonl``.
+"""The sessions journal: one JSON line per finished session, appended durably to ``<state_dir>/sessions.jsonl``.
 
-The record says what happened (outcome, phases reached, turns, guardrail hits, latency summary, bridged-task
-failures); transcript text only when ``session.record_transcripts`` is on. Several job threads may finish at
-once, so appends are serialised; each line is written whole and fsynced before the session counts as done.
+Several job threads may finish at once, so appends are serialised; each line is written whole and fsynced
+before the session counts as done. ``SessionJournal`` is the session observer that writes it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import threading
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import structlog
+
+from knotd.agent.observer import SessionObserver
+from knotd.conversation.summary import SessionSummary
+
+log = structlog.get_logger(__name__)
 
 _append_lock = threading.Lock()
 
 SESSIONS_FILE = "sessions.jsonl"
 
 
-def latency_summary(turns: Iterable[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """p50/p95/max per component (seconds, 3 decimals) over a session's turns."""
-    by_component: dict[str, list[float]] = {}
-    for turn in turns:
-        for component, value in turn.items():
-            by_component.setdefault(component, []).append(value)
-    out = {}
-    for component, values in sorted(by_component.items()):
-        values.sort()
-        out[component] = {
-            "n": len(values),
-            "p50": round(statistics.median(values), 3),
-            "p95": round(_quantile(values, 0.95), 3),
-            "max": round(values[-1], 3),
-        }
-    return out
+class SessionJournal(SessionObserver):
+    """Appends every finished session's record to ``sessions.jsonl`` in ``state_dir``.
 
+    A state directory that cannot be written is logged; the session counts as finished anyway.
+    """
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    pos = q * (len(sorted_values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+    def __init__(self, state_dir: Path | str) -> None:
+        self.state_dir = state_dir
+
+    def session_finished(self, summary: SessionSummary) -> None:
+        try:
+            path = append_record(self.state_dir, summary.to_record())
+        except OSError as err:
+            log.error("session_summary_not_written", session_id=summary.session_id, error=type(err).__name__,
+                      state_dir=str(self.state_dir))
+            return
+        log.info("session_summary", session_id=summary.session_id, outcome=summary.outcome, turns=summary.turns,
+                 phases=list(summary.phases_reached), guardrail_hits=summary.guardrail.total_hits, file=str(path))
 
 
 def append_record(state_dir: Path | str, record: dict[str, Any]) -> Path:

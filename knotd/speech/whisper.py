@@ -10,7 +10,7 @@ holds the utterance (buckets keep the shapes few and repeating) and falls back t
 Decoding is greedy or beam as configured, at temperature 0 only: the stock fallback ladder (0.2 … 1.0)
 re-decodes misheard clips up to five times (6 s instead of 1.2 s) without better text.
 
-This module does not load the model (see `knotd.agent.models`), does not detect speech (VAD does) and does
+This module does not load the model (see `knotd.speech.models`), does not detect speech (VAD does) and does
 not import livekit, so the daemon can load and self-test Whisper while livekit is still being imported.
 """
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from knotd.agent.guardrails import TextMatcher, normalize
-from knotd.datafiles import parse_toml, read_data_file
+from knotd.conversation.guardrails import TextMatcher, normalize
+from knotd.datafiles import Locator, parse_toml, read_data_file
 from knotd.errors import ConfigError, KnotdError
 
 WIRE_TOPIC = "knotd.phase"
@@ -110,7 +110,7 @@ class PhaseScript:
             ConfigError: for invalid TOML or an invalid script.
         """
         data = parse_toml("session.phases", text, source)
-        return _parse_script(data, source)
+        return _parse_script(data, Locator(source, text))
 
     def phase(self, name: str) -> Phase:
         return self.phases[name]
@@ -321,9 +321,8 @@ def _spoken_answer(answer: str | None) -> str:
 # --- parsing ----------------------------------------------------------------------------------------------
 
 
-def _parse_script(data: dict[str, Any], source: str) -> PhaseScript:
-    def fail(key: str, reason: str) -> ConfigError:
-        return ConfigError(key, reason, source)
+def _parse_script(data: dict[str, Any], locate: Locator) -> PhaseScript:
+    fail = locate.error
 
     unknown = sorted(set(data) - {"script", "phase"})
     if unknown:
@@ -373,7 +372,7 @@ def _parse_script(data: dict[str, Any], source: str) -> PhaseScript:
             raise fail(f"{prefix}.next", "dead end: give 'next' transitions or 'then', or set terminal = true")
         _check_then_chain(phase.name, phases, fail)
     return PhaseScript(phases, initial, interrupts, anywhere, texts["reprompt"].strip(), texts["finished"].strip(),
-                       texts["instructions"].strip(), texts["guidance"].strip(), source)
+                       texts["instructions"].strip(), texts["guidance"].strip(), locate.source)
 
 
 def _parse_phase(name: str, raw: Any, fail: Callable[[str, str], ConfigError]) -> Phase:

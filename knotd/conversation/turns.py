@@ -23,14 +23,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from knotd import metrics
-
 USER_COMPONENTS = {"eou": "end_of_turn_delay", "stt": "transcription_delay"}
 AGENT_COMPONENTS = {"llm_ttft": "llm_node_ttft", "tts_ttfb": "tts_node_ttfb", "e2e": "e2e_latency"}
 
 
 class TurnObserver:
-    """Pairs user and assistant messages into turns and observes ``knotd_turn_latency_seconds``.
+    """Pairs user and assistant messages into turns.
 
     Args:
         on_turn: called with the components (seconds) of every completed turn.
@@ -52,8 +50,6 @@ class TurnObserver:
         self._pending_user = {}
         if not turn:
             return
-        for component, value in turn.items():
-            metrics.TURN_LATENCY.labels(component=component).observe(value)
         self.turns.append(turn)
         self._on_turn(turn)
 
