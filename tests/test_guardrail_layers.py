@@ -133,6 +133,11 @@ def test_urgent_but_not_an_emergency_gets_doctor_today_and_116117(rules, text):
     assert "heute" in verdict.reply and "116117" in verdict.reply
 
 
+def test_a_negated_fever_is_not_urgent(rules):
+    assert rules.check_input("Nein, kein Fieber, und gerötet ist da auch nichts.").allowed
+    assert rules.check_input("Kein Schnupfen, aber Fieber und die Brust ist rot.").rule == "urgent_care"
+
+
 def test_typed_message_over_the_size_limit_is_refused_before_any_rule(rules):
     verdict = Guardrail.load(max_input_chars=200).check_input("Ist das Krebs? " + "bla " * 100)
     assert (verdict.allowed, verdict.rule, verdict.checked) == (False, TOO_LONG_RULE, ())
