@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -296,17 +296,26 @@ def load_whisper(settings: Settings) -> WhisperTranscriber:
 
 def start_whisper_load(settings: Settings) -> Future[WhisperTranscriber]:
     """Run ``load_whisper`` in a background thread now; the future holds the transcriber or the ModelError."""
-    future: Future[WhisperTranscriber] = Future()
+    return _start_in_thread(load_whisper, settings, "knotd-whisper-load")
+
+
+def start_guardrail_load(settings: Settings) -> Future[Guardrail]:
+    """Run ``load_guardrail`` in a background thread now, so the encoder is in before the worker registers."""
+    return _start_in_thread(load_guardrail, settings, "knotd-guard-load")
+
+
+def _start_in_thread(load: Callable[[Settings], Any], settings: Settings, name: str) -> Future[Any]:
+    future: Future[Any] = Future()
 
     def run() -> None:
         if not future.set_running_or_notify_cancel():
             return
         try:
-            future.set_result(load_whisper(settings))
+            future.set_result(load(settings))
         except BaseException as err:  # handed to whoever waits on the future
             future.set_exception(err)
 
-    threading.Thread(target=run, name="knotd-whisper-load", daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     return future
 
 
@@ -318,8 +327,10 @@ def load_vad() -> VAD:
         return silero.VAD.load()
 
 
-def load_models(settings: Settings, whisper: Future[WhisperTranscriber] | None = None) -> SharedModels:
-    """Load the guardrails, Whisper (or wait for ``whisper``, a load already started) and Silero VAD; blocks.
+def load_models(settings: Settings, whisper: Future[WhisperTranscriber] | None = None,
+                guardrail: Future[Guardrail] | None = None) -> SharedModels:
+    """Load the guardrails and Whisper (or wait for ``guardrail`` / ``whisper``, loads already started) and
+    Silero VAD; blocks.
 
     From a thread, call ``knotd.agent.register_plugins()`` on the main thread first (livekit plugins register
     only there).
@@ -327,9 +338,9 @@ def load_models(settings: Settings, whisper: Future[WhisperTranscriber] | None =
     Raises:
         ModelError: see ``load_whisper`` and ``load_guardrail``. ConfigError: a bad rules file.
     """
-    guardrail = load_guardrail(settings)  # meanwhile a started Whisper load goes on in its thread
+    guard = guardrail.result() if guardrail is not None else load_guardrail(settings)
     transcriber = whisper.result() if whisper is not None else load_whisper(settings)
-    return SharedModels(whisper=transcriber.model, vad=load_vad(), transcriber=transcriber, guardrail=guardrail)
+    return SharedModels(whisper=transcriber.model, vad=load_vad(), transcriber=transcriber, guardrail=guard)
 
 
 def read_selftest_clip(path: Path = SELFTEST_CLIP) -> np.ndarray:
