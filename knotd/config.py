@@ -145,6 +145,8 @@ class TtsSettings:
 @dataclass(frozen=True)
 class GuardrailSettings:
     rules: str = ""  # path to a TOML rules file; empty: the shipped Knotencheck rules
+    semantic: bool = True  # the semantic layer (sentence encoder + exemplars) after the rules
+    max_input_chars: int = 2000  # longer typed messages are refused before any rule, model or LLM sees them
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "turn.min_endpointing_delay_s": (0, 10),
     "turn.max_endpointing_delay_s": (0, 30),
     "llm.max_tokens": (1, 8192),
+    "guardrails.max_input_chars": (100, 100_000),
     "llm.temperature": (0, 2),
     "llm.timeout_s": (0.1, 300),
     "tts.speed_wpm": (80, 450),

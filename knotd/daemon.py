@@ -48,12 +48,14 @@ class Daemon:
 
     Args:
         whisper: a Whisper load already running (``start_whisper_load``); None loads it with the VAD.
+        guardrail: a guardrail load already running (``start_guardrail_load``); None loads it with the models.
     """
 
-    def __init__(self, settings: Settings, notifier: Notifier, *, whisper: Future[Any] | None = None) -> None:
+    def __init__(self, settings: Settings, notifier: Notifier, *, whisper: Future[Any] | None = None,
+                 guardrail: Future[Any] | None = None) -> None:
         self.settings = settings
         self.notifier = notifier
-        self.boot = Bootstrap(settings, whisper=whisper)
+        self.boot = Bootstrap(settings, whisper=whisper, guardrail=guardrail)
         self.state = self.boot.state
         self.facts = Facts(livekit_url=settings.livekit.url)
         self.ticker = Ticker(notifier)

@@ -125,6 +125,7 @@ def initialise_guardrail(guardrail: Guardrail) -> None:
     for direction in GUARD_DIRECTIONS:
         for rule in guardrail.rule_names(direction):
             GUARDRAIL_CHECKS.labels(direction=direction, rule=rule)
+        for rule in guardrail.hit_labels(direction):
             GUARDRAIL_HITS.labels(direction=direction, rule=rule)
 
 

@@ -46,7 +46,8 @@ async def test_ready_only_after_registration(standin, start_daemon, notify_socke
     status = json.loads((await daemon.get("/api/status"))[1])
     assert status["ready"] is True
     assert status["livekit"]["worker_id"] == standin.registrations[0].worker_id
-    assert {s["name"] for s in status["stages"]} >= {"config", "model_load", "status_listen", "worker_start"}
+    assert {s["name"] for s in status["stages"]} >= {"config", "model_load", "guard_load", "status_listen",
+                                                    "worker_start"}
 
 
 async def test_connection_drop_turns_readyz_503_until_reregistered(standin, start_daemon, notify_socket):

@@ -164,7 +164,8 @@ def test_bundled_clips_are_16k_mono_pcm():
 @pytest.mark.models
 @needs_packages
 def test_load_models_loads_warms_and_self_tests():
-    """load_models returns a working transcriber and records the stt_load, stt_selftest and vad_init stages."""
+    """load_models returns a working transcriber and the guardrails with their self-tested semantic layer, and
+    records the guard_load, stt_load, stt_selftest and vad_init stages."""
     settings = Settings(stt=SttSettings(model=str(whisper_base_dir()), num_workers=1))
 
     shared = load_models(settings)
@@ -172,6 +173,9 @@ def test_load_models_loads_warms_and_self_tests():
     assert "knotencheck" in shared.transcriber.transcribe_pcm(models.read_selftest_clip()).text.lower()
     recorded = {r.name: r.status for r in stages.recent(20)}
     assert recorded["stt_load"] == recorded["stt_selftest"] == recorded["vad_init"] == "ok"
+    assert recorded["guard_load"] == "ok"
+    verdict = shared.guardrail.check_input("Steckt da etwas Ernstes dahinter?")
+    assert (verdict.rule, verdict.layer) == ("no_diagnosis", "model")
 
 
 @pytest.mark.models

@@ -54,8 +54,9 @@ class AgentResources:
 
     @classmethod
     def load(cls, settings: Settings, models: SharedModels) -> AgentResources:
-        """Load the guardrail rules and the phase script (raises ConfigError for a bad file)."""
-        guardrail = Guardrail.load(settings.guardrails.rules or None)
+        """The guardrails ``models`` loaded (or the rules alone) and the phase script (ConfigError for a bad file)."""
+        guardrail = models.guardrail or Guardrail.load(settings.guardrails.rules or None,
+                                                       max_input_chars=settings.guardrails.max_input_chars)
         script = PhaseScript.load(settings.session.phases or None)
         return cls(settings, models, guardrail, script)
 
@@ -76,6 +77,7 @@ class KnotencheckAgent(Agent):
         self.guard, self.machine = guard, machine
         self._on_hit = on_hit
         self._input_checked: set[str] = set()
+        self._blocked: set[str] = set()
 
     async def on_enter(self) -> None:
         # The opening line comes from the LLM (scripted by default) so it passes the output guard too.
@@ -101,6 +103,8 @@ class KnotencheckAgent(Agent):
                 if verdict.reply:
                     yield verdict.reply
                 return
+        # livekit keeps a blocked message in the chat context; it must never reach an LLM, now or later.
+        chat_ctx = self.without_blocked(chat_ctx)
         guard = self.guard.sentence_guard()
         error: type[BaseException] | None = None
         try:
@@ -122,10 +126,19 @@ class KnotencheckAgent(Agent):
         with stage("input_guard"):
             verdict = self.guard.check_input(message.text_content or "", key=message.id)
         if not verdict.allowed:
+            self._blocked.add(message.id)
             self._hit("input", verdict)
             if verdict.phase and self.machine.can_advance(verdict.phase):
                 self.machine.advance(verdict.phase)
         return verdict
+
+    def without_blocked(self, chat_ctx: llm.ChatContext) -> llm.ChatContext:
+        """``chat_ctx`` without the user messages the input guard stopped (a copy when there are any)."""
+        if not self._blocked or not any(item.id in self._blocked for item in chat_ctx.items):
+            return chat_ctx
+        kept = chat_ctx.copy()
+        kept.items[:] = [item for item in kept.items if item.id not in self._blocked]
+        return kept
 
     def _hit(self, direction: str, verdict: Verdict) -> None:
         if self._on_hit is not None:
@@ -295,7 +308,8 @@ class KnotencheckSession:
         return self.agent_line or None
 
     def _log_hit(self, direction: str, verdict: Verdict) -> None:
-        log.info("guardrail_hit", session_id=self.session_id, direction=direction, rule=verdict.rule)
+        log.info("guardrail_hit", session_id=self.session_id, direction=direction, rule=verdict.rule,
+                 layer=verdict.layer, score=None if verdict.score is None else round(verdict.score, 3))
 
     # -- the end ------------------------------------------------------------------------------------
     def _shutdown_outcome(self) -> str:
@@ -366,6 +380,8 @@ def make_entrypoint(resources: AgentResources, observer: SessionObserver) -> Any
 
 
 def describe_models(models: SharedModels) -> str:
-    """For the status page: which Whisper model, how it runs."""
+    """For the status page: which Whisper model, how it runs, and the guardrails' sentence encoder."""
     stt = models.transcriber.settings
-    return f"whisper {Path(stt.model).name} ({stt.compute_type}, {stt.num_workers} workers), silero vad"
+    guard = models.guardrail
+    encoder = f", guardrails + {guard.semantic.encoder.name}" if guard is not None and guard.semantic else ""
+    return f"whisper {Path(stt.model).name} ({stt.compute_type}, {stt.num_workers} workers), silero vad{encoder}"

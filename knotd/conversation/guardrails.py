@@ -8,15 +8,22 @@ transcript, ``output``: LLM text before TTS, ``both``), word lists and/or regula
 Matching sees *normalised* text: case-folded, ``ä/ö/ü`` as ``ae/oe/ue``, ``ß`` as ``ss``, and the dots of
 common abbreviations (``z. B.``, ``ca.``, ``Dr.``) removed, so "Übelkeit", "uebelkeit" and "ÜBELKEIT" are one
 word and an abbreviation never splits a sentence. Word entries match whole words; ``*`` stands for any
-letters ("*tablette*" matches "Schmerztabletten"). A rule with ``skip_negated = true`` ignores a match that
-one of the three words before it negates ("ich habe keine Atemnot").
+letters ("*tablette*" matches "Schmerztabletten"). An input rule with ``skip_negated = true`` ignores a match
+that a negation governs: one of the two words right before it, in the same clause ("ich habe keine Atemnot",
+but not "Keine Ahnung, Atemnot?"). Output is never exempted: "Das ist kein Krebs." is a diagnosis.
+Before any of this, ``clean_text()`` removes Unicode disguises (zero-width characters, fullwidth letters,
+Cyrillic look-alikes).
+
+The semantic layer (``knotd.conversation.semantic``) is the second pass: when no word or pattern hits and a
+sentence encoder was given to ``load()``, each rule's ``exemplars`` are compared with the text by meaning.
+A ``Verdict`` says which layer decided (``rule`` or ``model``) and, for the model, the similarity.
 
 Pieces: ``Guardrail`` (the loaded rules, shared), ``SentenceGuard`` (one streamed reply), ``SessionGuard`` (one
 session: tallies and the closing step), ``guard_llm_output()`` (the output guard as an async generator for
 ``Agent.llm_node``). Prometheus counting is ``knotd.metrics.record_guardrail_verdict()``.
 
 This module does not import livekit and does no I/O except reading the rules file in ``Guardrail.load()``.
-It does not classify meaning (no LLM judge): the rules are plain patterns a reviewer can read and test.
+Meaning is judged only by the exemplars in the rules file, never by an LLM.
 Timing the ``input_guard`` and ``output_guard`` stages belongs to the session (``Verdict.elapsed_s`` helps).
 """
 
@@ -30,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from knotd.conversation.semantic import ExemplarSet, SemanticLayer, SentenceEncoder
+from knotd.conversation.textnorm import clean_text
 from knotd.datafiles import Locator, parse_toml, read_data_file
 from knotd.errors import ConfigError
 
@@ -37,7 +46,13 @@ DIRECTIONS = ("input", "output")
 RULE_DIRECTIONS = ("input", "output", "both")
 ACTIONS = ("block", "redirect")
 
-_RULE_KEYS = {"name", "direction", "action", "reply", "words", "patterns", "phase", "skip_negated"}
+TOO_LONG_RULE = "input_too_long"
+TOO_LONG_REPLY = "Ihre Nachricht ist zu lang für mich. Bitte sagen Sie es mir kürzer, in ein oder zwei Sätzen."
+DEFAULT_MAX_INPUT_CHARS = 2000
+
+_RULE_KEYS = {"name", "direction", "action", "reply", "words", "patterns", "phase", "skip_negated", "exemplars",
+              "output_exemplars", "threshold"}
+_SEMANTIC_KEYS = {"threshold", "margin", "safe_input", "safe_output"}
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
 # Dots after these never end a sentence; normalisation drops them so patterns see "z b ibuprofen".
@@ -60,8 +75,9 @@ _WORD = re.compile(r"\w+")
 
 
 def normalize(text: str) -> str:
-    """Text as rules see it: case-folded, umlauts and ß spelled out, abbreviation dots dropped, single spaces."""
-    text = text.casefold().translate(_TRANSLITERATE)
+    """Text as rules see it: Unicode disguises removed, case-folded, umlauts and ß spelled out, abbreviation dots
+    dropped, single spaces."""
+    text = clean_text(text).casefold().translate(_TRANSLITERATE)
     text = _ABBREVIATION_DOT.sub(r"\1", text)
     return _SPACES.sub(" ", text).strip()
 
@@ -79,7 +95,7 @@ class TextMatcher:
     Args:
         words: whole-word entries (``*`` = any letters).
         patterns: regular expressions written against normalised text; umlauts/ß in them are spelled out.
-        skip_negated: ignore a match when one of the three words before it is a negation.
+        skip_negated: ignore a match governed by a negation (see ``_is_negated``), when ``matches`` allows it.
 
     Raises:
         re.error: for a pattern that does not compile (callers turn it into a ConfigError).
@@ -94,18 +110,34 @@ class TextMatcher:
     def __bool__(self) -> bool:
         return bool(self._regexes)
 
-    def matches(self, normalized: str) -> bool:
-        """Whether any entry matches ``normalized`` (the output of ``normalize()``)."""
+    def matches(self, normalized: str, *, negation_exempts: bool = True) -> bool:
+        """Whether any entry matches ``normalized`` (the output of ``normalize()``).
+
+        ``negation_exempts=False`` turns ``skip_negated`` off (the output guard: a negated diagnosis is one).
+        """
+        skip = self.skip_negated and negation_exempts
         for regex in self._regexes:
             for m in regex.finditer(normalized):
-                if not (self.skip_negated and _is_negated(normalized, m.start())):
+                if not (skip and _is_negated(normalized, m.start(), m.end())):
                     return True
         return False
 
 
-def _is_negated(text: str, start: int) -> bool:
-    before = _WORD.findall(text[max(0, start - 60):start])[-3:]
-    return any(word in NEGATORS for word in before)
+# A clause ends at punctuation or at a conjunction that starts a new statement ("keine Schmerzen, aber Atemnot").
+_CLAUSE_END = re.compile(r"[,.;:!?()\[\]\-–—]|\b(aber|sondern|doch|jedoch|und|oder|weil|dass|but|and|or)\b")
+
+
+def _is_negated(text: str, start: int, end: int) -> bool:
+    """True when a negator governs ``text[start:end]``: it stands within the two words right before it, or
+    closes its clause within three words after it ("ohnmaechtig war ich nicht"), in the same clause."""
+    before = text[max(0, start - 60):start]
+    clause_before = before[max((m.end() for m in _CLAUSE_END.finditer(before)), default=0):]
+    if any(word in NEGATORS for word in _WORD.findall(clause_before)[-2:]):
+        return True
+    after = text[end:end + 60]
+    stop = _CLAUSE_END.search(after)
+    clause_after = _WORD.findall(after[:stop.start()] if stop else after)
+    return len(clause_after) <= 3 and bool(clause_after) and clause_after[-1] in NEGATORS
 
 
 @dataclass(frozen=True)
@@ -116,6 +148,17 @@ class Rule:
     reply: str
     matcher: TextMatcher = field(compare=False)
     phase: str | None = None
+    exemplars: tuple[str, ...] = ()
+    threshold: float | None = None
+    output_exemplars: tuple[str, ...] = ()
+
+    def exemplars_for(self, direction: str) -> tuple[str, ...]:
+        """The exemplars the semantic layer compares ``direction``'s text with (none if the rule skips it)."""
+        if direction not in self.directions:
+            return ()
+        if direction == "output" and self.output_exemplars:
+            return self.output_exemplars
+        return self.exemplars
 
 
 @dataclass(frozen=True)
@@ -125,7 +168,9 @@ class Verdict:
     ``allowed`` is False on a hit; then ``rule`` names the rule, ``reply`` is the safe line to speak instead,
     ``action`` is ``block`` or ``redirect`` and ``phase`` the phase a redirect moves to. ``checked`` lists the
     rules evaluated (in order, up to and including the hit), for ``knotd_guardrail_checks_total``;
-    ``elapsed_s`` is how long the check took (for the ``input_guard`` / ``output_guard`` stages).
+    ``elapsed_s`` is how long the check took (for the ``input_guard`` / ``output_guard`` stages). ``layer`` is
+    ``rule`` or ``model`` (which pass decided; None when nothing hit) and ``score`` the semantic layer's
+    similarity to the closest exemplar (None when the model did not run).
     """
 
     allowed: bool
@@ -135,37 +180,53 @@ class Verdict:
     phase: str | None = None
     checked: tuple[str, ...] = ()
     elapsed_s: float = field(default=0.0, compare=False)
+    layer: str | None = None
+    score: float | None = field(default=None, compare=False)
+    closest_rule: str | None = field(default=None, compare=False)
 
 
 class Guardrail:
     """An immutable, loaded rule set; share one across sessions and threads."""
 
-    def __init__(self, rules: Sequence[Rule], source: str = "<rules>") -> None:
+    def __init__(self, rules: Sequence[Rule], source: str = "<rules>", *, semantic: SemanticLayer | None = None,
+                 semantic_config: SemanticConfig | None = None,
+                 max_input_chars: int = DEFAULT_MAX_INPUT_CHARS) -> None:
         self.rules = tuple(rules)
+        self.max_input_chars = max_input_chars
         self.source = source
+        self.semantic = semantic
+        self.semantic_config = semantic_config or SemanticConfig()
+        self._by_name = {r.name: r for r in self.rules}
 
     @classmethod
-    def load(cls, path: Path | str | None = None) -> Guardrail:
+    def load(cls, path: Path | str | None = None, *, encoder: SentenceEncoder | None = None,
+             max_input_chars: int = DEFAULT_MAX_INPUT_CHARS) -> Guardrail:
         """Read a rules file, or the shipped Knotencheck rules when ``path`` is None or empty.
+
+        With ``encoder`` the rules' exemplars are embedded and the semantic layer is on; without it the rules
+        alone decide (tests, and ``knotd check-config``). Input longer than ``max_input_chars`` is refused
+        before any rule or model sees it (rule ``input_too_long``).
 
         Raises:
             ConfigError: one line naming the file, the rule and the field that is wrong.
         """
         text, source = read_data_file("guardrails.rules", path, "guardrails.toml")
-        return cls.parse(text, source=source)
+        return cls.parse(text, source=source, encoder=encoder, max_input_chars=max_input_chars)
 
     @classmethod
-    def parse(cls, text: str, source: str = "<rules>") -> Guardrail:
+    def parse(cls, text: str, source: str = "<rules>", *, encoder: SentenceEncoder | None = None,
+              max_input_chars: int = DEFAULT_MAX_INPUT_CHARS) -> Guardrail:
         """Build a rule set from TOML text; ``source`` names it in errors.
 
         Raises:
             ConfigError: for invalid TOML or an invalid rule.
         """
         data = parse_toml("guardrails.rules", text, source)
-        unknown = sorted(set(data) - {"rule"})
+        unknown = sorted(set(data) - {"rule", "semantic"})
         if unknown:
-            raise ConfigError("guardrails.rules", f"unknown top-level key {unknown[0]!r} (expected [[rule]])",
-                              source)
+            raise ConfigError("guardrails.rules", f"unknown top-level key {unknown[0]!r} (expected [[rule]] or "
+                              "[semantic])", source)
+        config = _parse_semantic(data.get("semantic", {}), source)
         raw_rules = data.get("rule", [])
         if not isinstance(raw_rules, list) or not raw_rules:
             raise ConfigError("guardrails.rules", "no rules: add at least one [[rule]] table", source)
@@ -176,11 +237,27 @@ class Guardrail:
             if any(r.name == rule.name for r in rules):
                 raise ConfigError(f"rule[{rule.name}].name", "duplicate rule name", locate.of_value("name", rule.name))
             rules.append(rule)
-        return cls(rules, source)
+        guardrail = cls(rules, source, semantic_config=config, max_input_chars=max_input_chars)
+        return guardrail.with_encoder(encoder) if encoder is not None else guardrail
+
+    def with_encoder(self, encoder: SentenceEncoder) -> Guardrail:
+        """The same rules with the semantic layer on: every exemplar embedded once, now."""
+        config = self.semantic_config
+        sets = [ExemplarSet(r.name, frozenset({direction}), r.exemplars_for(direction),
+                            config.threshold if r.threshold is None else r.threshold)
+                for direction in DIRECTIONS for r in self.rules if r.exemplars_for(direction)]
+        layer = SemanticLayer(encoder, sets, {"input": config.safe_input, "output": config.safe_output},
+                              config.margin)
+        return Guardrail(self.rules, self.source, semantic=layer, semantic_config=config,
+                         max_input_chars=self.max_input_chars)
 
     def rule_names(self, direction: str) -> tuple[str, ...]:
         """Names of the rules checked in ``direction`` (input or output), in check order."""
         return tuple(r.name for r in self.rules if direction in r.directions)
+
+    def hit_labels(self, direction: str) -> tuple[str, ...]:
+        """Every ``rule`` label a hit in ``direction`` can carry (the rules, and ``input_too_long`` on input)."""
+        return self.rule_names(direction) + ((TOO_LONG_RULE,) if direction == "input" else ())
 
     def check_input(self, text: str) -> Verdict:
         """Check a user's final transcript before the LLM sees it."""
@@ -192,16 +269,67 @@ class Guardrail:
 
     def _check(self, direction: str, text: str) -> Verdict:
         start = time.perf_counter()
+        if direction == "input" and len(text) > self.max_input_chars:
+            return Verdict(False, TOO_LONG_RULE, TOO_LONG_REPLY, "block", None, (), time.perf_counter() - start,
+                           layer="rule")
         normalized = normalize(text)
         checked: list[str] = []
         for rule in self.rules:
             if direction not in rule.directions:
                 continue
             checked.append(rule.name)
-            if normalized and rule.matcher.matches(normalized):
+            if normalized and rule.matcher.matches(normalized, negation_exempts=direction == "input"):
                 return Verdict(False, rule.name, rule.reply, rule.action, rule.phase, tuple(checked),
-                               time.perf_counter() - start)
-        return Verdict(True, checked=tuple(checked), elapsed_s=time.perf_counter() - start)
+                               time.perf_counter() - start, layer="rule")
+        if self.semantic is None or not normalized:
+            return Verdict(True, checked=tuple(checked), elapsed_s=time.perf_counter() - start)
+        scored = self.semantic.score(text, direction)
+        if scored.fired and scored.rule is not None:
+            rule = self._by_name[scored.rule]
+            return Verdict(False, rule.name, rule.reply, rule.action, rule.phase, tuple(checked),
+                           time.perf_counter() - start, layer="model", score=scored.score, closest_rule=rule.name)
+        return Verdict(True, checked=tuple(checked), elapsed_s=time.perf_counter() - start, score=scored.score,
+                       closest_rule=scored.rule)
+
+
+@dataclass(frozen=True)
+class SemanticConfig:
+    """The ``[semantic]`` table: default threshold, margin over safe exemplars, and the safe exemplars."""
+
+    threshold: float = 0.5
+    margin: float = 0.05
+    safe_input: tuple[str, ...] = ()
+    safe_output: tuple[str, ...] = ()
+
+
+def _parse_semantic(raw: Any, source: str) -> SemanticConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("semantic", "must be a table ([semantic])", source)
+    unknown = sorted(set(raw) - _SEMANTIC_KEYS)
+    if unknown:
+        expected = ", ".join(sorted(_SEMANTIC_KEYS))
+        raise ConfigError(f"semantic.{unknown[0]}", f"unknown field (expected one of {expected})", source)
+
+    def fail(key: str, reason: str) -> ConfigError:
+        return ConfigError(f"semantic.{key}", reason, source)
+
+    threshold = _similarity(raw, "threshold", 0.5, fail)
+    margin = raw.get("margin", 0.05)
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not -1.0 <= margin <= 1.0:
+        raise fail("margin", f"expected a number from -1 to 1; got {margin!r}")
+    safe_input = _string_list(raw, "safe_input", fail)
+    safe_output = _string_list(raw, "safe_output", fail)
+    return SemanticConfig(threshold, float(margin), tuple(safe_input), tuple(safe_output))
+
+
+def _similarity(raw: dict[str, Any], key: str, default: float | None,
+                fail: Callable[[str, str], ConfigError]) -> float | None:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
+        raise fail(key, f"expected a similarity above 0 and at most 1; got {value!r}")
+    return float(value)
 
 
 def _parse_rule(raw: Any, index: int, locate: Locator) -> Rule:
@@ -229,11 +357,18 @@ def _parse_rule(raw: Any, index: int, locate: Locator) -> Rule:
         raise fail("reply", "required: the German line spoken instead")
     words = _string_list(raw, "words", fail)
     patterns = _string_list(raw, "patterns", fail)
-    if not words and not patterns:
-        raise fail("words", "a rule needs at least one entry in 'words' or 'patterns'")
+    exemplars = _string_list(raw, "exemplars", fail)
+    output_exemplars = _string_list(raw, "output_exemplars", fail)
+    if output_exemplars and direction != "both":
+        raise fail("output_exemplars", "only for direction = \"both\" (otherwise 'exemplars' serve the one direction)")
+    if not words and not patterns and not exemplars:
+        raise fail("words", "a rule needs at least one entry in 'words', 'patterns' or 'exemplars'")
     skip_negated = raw.get("skip_negated", False)
     if not isinstance(skip_negated, bool):
         raise fail("skip_negated", "expected true or false")
+    if skip_negated and direction == "output":
+        raise fail("skip_negated", "applies to input only: a negated diagnosis or dose is still one")
+    threshold = _similarity(raw, "threshold", None, fail)
     phase = raw.get("phase")
     if phase is not None and (not isinstance(phase, str) or not phase):
         raise fail("phase", "expected a phase name")
@@ -246,7 +381,8 @@ def _parse_rule(raw: Any, index: int, locate: Locator) -> Rule:
             raise fail("patterns", f"invalid regex {pattern!r}: {err}") from None
     directions = frozenset(DIRECTIONS) if direction == "both" else frozenset({direction})
     matcher = TextMatcher(words, patterns, skip_negated=skip_negated)
-    return Rule(name, directions, action, reply.strip(), matcher, phase)
+    return Rule(name, directions, action, reply.strip(), matcher, phase, tuple(exemplars), threshold,
+                tuple(output_exemplars))
 
 
 def _choice(raw: dict[str, Any], key: str, choices: tuple[str, ...], fail: Callable[[str, str], ConfigError]) -> str:

