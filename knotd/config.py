@@ -103,6 +103,8 @@ class SttSettings:
     # Start transcribing at the first short pause, before the VAD ends the turn; drop it if the user goes on.
     speculative: bool = True
     speculative_silence_s: float = 0.1
+    # Longest utterance transcribed; a caller who talks on is cut there and told so (bounds CPU and memory).
+    max_utterance_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "stt.cpu_threads": (0, 64),
     "stt.max_window_s": (5, 30),
     "stt.speculative_silence_s": (0.05, 1.0),
+    "stt.max_utterance_s": (5, 120),
     "turn.min_endpointing_delay_s": (0, 10),
     "turn.max_endpointing_delay_s": (0, 30),
     "llm.max_tokens": (1, 8192),

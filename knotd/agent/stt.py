@@ -107,6 +107,8 @@ class WhisperSTT(stt.STT):
             manual_flush=self._spec_vad is not None,
         ))
         self._transcriber = WhisperTranscriber(model, settings)
+        self._max_utterance_s = settings.max_utterance_s
+        self._capped = 0  # utterances cut at max_utterance_s since take_capped() last asked
         self._model_name = model_name or settings.model.rstrip("/").rsplit("/", 1)[-1]
 
     @property
@@ -126,6 +128,11 @@ class WhisperSTT(stt.STT):
         """Whether `stream()` transcribes speculatively (else livekit's StreamAdapter cuts utterances)."""
         return self._spec_vad is not None
 
+    def take_capped(self) -> bool:
+        """Whether an utterance was cut at `stt.max_utterance_s` since the last call (the agent says so)."""
+        capped, self._capped = self._capped, 0
+        return capped > 0
+
     def transcribe_pcm(self, pcm: np.ndarray, *, language: str | None = None) -> Transcript:
         """Transcribe 16 kHz mono float32 audio (blocking); see `WhisperTranscriber.transcribe_pcm`."""
         return self._transcriber.transcribe_pcm(pcm, language=language)
@@ -135,6 +142,7 @@ class WhisperSTT(stt.STT):
         if self._spec_vad is None:
             return super().stream(language=language, conn_options=conn_options)  # raises NotImplementedError
         return SpeculativeStream(self, self._spec_vad, release_silence_s=self._release_silence_s,
+                                 max_utterance_s=self._max_utterance_s,
                                  language=language if utils.is_given(language) else None,
                                  conn_options=conn_options)
 
@@ -191,14 +199,20 @@ class SpeculativeStream(stt.RecognizeStream):
     when our VAD has seen `release_silence_s` of silence. Until then a transcript started at a pause is
     held; if the user speaks again first it is dropped and the utterance goes on. A flush while our VAD
     still hears speech (a manual commit) transcribes what there is at once.
+
+    One caller cannot exhaust the machine: an utterance that reaches `max_utterance_s` is transcribed and
+    handed over as it is, and the rest of that stretch of speech is not heard (the agent says so); at most one
+    speculative transcription runs at a time (a pause while a dropped one still runs starts none), and a
+    dropped one is cancelled if it has not reached the model yet.
     """
 
     def __init__(self, owner: WhisperSTT, spec_vad: lk_vad.VAD, *, release_silence_s: float,
-                 language: str | None, conn_options: APIConnectOptions) -> None:
+                 max_utterance_s: float, language: str | None, conn_options: APIConnectOptions) -> None:
         super().__init__(stt=owner, conn_options=conn_options)
         self._owner = owner
         self._vad = spec_vad
         self._release_silence_s = release_silence_s
+        self._max_utterance_s = max_utterance_s
         self._language = language
         self._reset()
 
@@ -211,6 +225,9 @@ class SpeculativeStream(stt.RecognizeStream):
         self._processed = 0  # input samples our VAD has run over
         self._flushes: deque[int] = deque()  # self._pushed at each flush, waiting for the VAD to catch up
         self._flush_slack = 0
+        self._utterance_s = 0.0
+        self._capped = False  # the open stretch of speech passed max_utterance_s: not heard until a pause
+        self._dropped: asyncio.Task[Transcript] | None = None  # the last discarded speculative run
 
     async def _run(self) -> None:
         self._reset()
@@ -261,8 +278,11 @@ class SpeculativeStream(stt.RecognizeStream):
         self._released.put_nowait(None)
 
     def _on_inference(self, ev: lk_vad.VADEvent) -> None:
-        if self._utterance is not None:
+        if self._utterance is not None and not self._capped:
             self._utterance.extend(ev.frames)
+            self._utterance_s += sum(f.duration for f in ev.frames)
+            if self._utterance_s >= self._max_utterance_s and self._speaking:
+                self._cap()
         self._processed += sum(f.samples_per_channel for f in ev.frames)
         if self._held is not None and ev.raw_accumulated_silence >= self._release_silence_s:
             self._release()
@@ -270,26 +290,50 @@ class SpeculativeStream(stt.RecognizeStream):
 
     def _on_speech_started(self, ev: lk_vad.VADEvent) -> None:
         self._speaking = True
+        self._capped = False
         if self._utterance is None:
             self._utterance = list(ev.frames)  # Silero's prefix padding and the speech so far
+            self._utterance_s = sum(f.duration for f in ev.frames)
             self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH))
         elif self._held is not None:
             # The user went on before the session's VAD ended the turn: the early transcript would miss
             # the rest. The utterance's audio (with the pause) keeps growing and is transcribed whole.
+            self._dropped = self._held.task
+            self._dropped.cancel()  # frees the thread if it has not started; a running one finishes unread
             _forget(self._held)
             self._held = None
             metrics.STT_SPECULATIVE.labels(result="discarded").inc()
 
+    def _cap(self) -> None:
+        """The utterance is as long as allowed: hand over what there is; the rest of this speech is dropped."""
+        log.warning("stt_utterance_capped", max_utterance_s=self._max_utterance_s)
+        self._owner._capped += 1
+        if self._held is None and self._utterance:
+            self._held = self._transcribe(self._utterance, time.time(), speculative=False)
+        if self._held is not None:
+            self._release()
+        self._capped = True
+        self._utterance = None
+
     def _on_speech_ended(self, ev: lk_vad.VADEvent) -> None:
         self._speaking = False
-        if self._utterance and self._held is None:
-            speech_end = time.time() - ev.silence_duration - ev.inference_duration
+        self._capped = False
+        speech_end = time.time() - ev.silence_duration - ev.inference_duration
+        if self._dropped is not None and not self._dropped.done():
+            # One speculative run at a time: start this one when the dropped one is out of the way.
+            metrics.STT_SPECULATIVE.labels(result="skipped").inc()
+            self._dropped.add_done_callback(lambda _t: self._start_speculative(speech_end))
+            return
+        self._start_speculative(speech_end)
+
+    def _start_speculative(self, speech_end: float) -> None:
+        if self._utterance and self._held is None and not self._speaking:
             self._held = self._transcribe(list(self._utterance), speech_end, speculative=True)
 
     def _check_flushes(self) -> None:
         while self._flushes and self._processed + self._flush_slack >= self._flushes[0]:
             self._flushes.popleft()
-            if self._held is None and self._utterance and self._speaking:
+            if self._held is None and self._utterance:
                 self._held = self._transcribe(list(self._utterance), time.time(), speculative=False)
             if self._held is not None:
                 self._release()
@@ -301,6 +345,7 @@ class SpeculativeStream(stt.RecognizeStream):
             metrics.STT_SPECULATIVE.labels(result="used").inc()
         # Still speaking (a flush mid-speech): what follows is a new utterance.
         self._utterance = [] if self._speaking else None
+        self._utterance_s = 0.0
         self._released.put_nowait(held)
 
     def _transcribe(self, frames: list[rtc.AudioFrame], speech_end_time: float, *,
