@@ -26,6 +26,8 @@ import asyncio
 import dataclasses
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +52,10 @@ __all__ = ["STOCK_WINDOW_S", "WINDOW_BUCKETS_S", "SpeculativeStream", "Transcrip
            "WhisperTranscriber", "frame_to_whisper_input", "speculative_vad"]
 
 log = structlog.get_logger(__name__)
+
+# Transcriptions run here, not in the loop's default executor, so a stream can see when a thread is really
+# done (an asyncio task cancelled mid-transcription is done at once; its thread is not).
+_EXECUTOR = ThreadPoolExecutor(max_workers=8, thread_name_prefix="knotd_stt")
 
 # Silero's inference window at 16 kHz; a flush is due once the VAD has run over all but this much audio.
 _VAD_WINDOW_S = 512 / 16000
@@ -161,16 +167,24 @@ class WhisperSTT(stt.STT):
             alternatives=[stt.SpeechData(language=result.language, text=result.text)],
         )
 
-    async def transcribe_frames(self, frames: list[rtc.AudioFrame], language: str | None) -> Transcript:
+    async def transcribe_frames(self, frames: list[rtc.AudioFrame], language: str | None, *,
+                                submitted: Callable[[Future[Transcript]], None] | None = None) -> Transcript:
         """Transcribe audio frames off the event loop.
+
+        Args:
+            submitted: given the thread's future once the work is queued (cancelling this coroutine cancels
+                it only if it has not started).
 
         Raises:
             APIError: CTranslate2 or numpy failed (not retryable).
         """
         if not frames:
             return Transcript("", language or self._transcriber.settings.language, 0)
+        work = _EXECUTOR.submit(self._recognize_blocking, rtc.combine_audio_frames(frames), language)
+        if submitted is not None:
+            submitted(work)
         try:
-            return await asyncio.to_thread(self._recognize_blocking, rtc.combine_audio_frames(frames), language)
+            return await asyncio.wrap_future(work)
         except (RuntimeError, ValueError) as err:  # CTranslate2 and numpy failures
             raise APIError(f"whisper transcription failed: {type(err).__name__}: {err}",
                            retryable=False) from err
@@ -227,7 +241,8 @@ class SpeculativeStream(stt.RecognizeStream):
         self._flush_slack = 0
         self._utterance_s = 0.0
         self._capped = False  # the open stretch of speech passed max_utterance_s: not heard until a pause
-        self._dropped: asyncio.Task[Transcript] | None = None  # the last discarded speculative run
+        self._spec_threads = 0  # speculative transcriptions whose thread has not finished
+        self._waiting_end: float | None = None  # a pause that waits for the running speculative thread
 
     async def _run(self) -> None:
         self._reset()
@@ -298,8 +313,7 @@ class SpeculativeStream(stt.RecognizeStream):
         elif self._held is not None:
             # The user went on before the session's VAD ended the turn: the early transcript would miss
             # the rest. The utterance's audio (with the pause) keeps growing and is transcribed whole.
-            self._dropped = self._held.task
-            self._dropped.cancel()  # frees the thread if it has not started; a running one finishes unread
+            self._held.task.cancel()  # frees the thread if it has not started; a running one finishes unread
             _forget(self._held)
             self._held = None
             metrics.STT_SPECULATIVE.labels(result="discarded").inc()
@@ -319,16 +333,22 @@ class SpeculativeStream(stt.RecognizeStream):
         self._speaking = False
         self._capped = False
         speech_end = time.time() - ev.silence_duration - ev.inference_duration
-        if self._dropped is not None and not self._dropped.done():
-            # One speculative run at a time: start this one when the dropped one is out of the way.
+        if self._spec_threads:
+            # One speculative run at a time: this pause's starts when the running one's thread is done.
             metrics.STT_SPECULATIVE.labels(result="skipped").inc()
-            self._dropped.add_done_callback(lambda _t: self._start_speculative(speech_end))
+            self._waiting_end = speech_end
             return
         self._start_speculative(speech_end)
 
     def _start_speculative(self, speech_end: float) -> None:
+        self._waiting_end = None
         if self._utterance and self._held is None and not self._speaking:
             self._held = self._transcribe(list(self._utterance), speech_end, speculative=True)
+
+    def _speculative_thread_done(self) -> None:
+        self._spec_threads -= 1
+        if not self._spec_threads and self._waiting_end is not None:
+            self._start_speculative(self._waiting_end)
 
     def _check_flushes(self) -> None:
         while self._flushes and self._processed + self._flush_slack >= self._flushes[0]:
@@ -350,7 +370,15 @@ class SpeculativeStream(stt.RecognizeStream):
 
     def _transcribe(self, frames: list[rtc.AudioFrame], speech_end_time: float, *,
                     speculative: bool) -> _Transcription:
-        task = asyncio.create_task(self._owner.transcribe_frames(frames, self._language),
+        submitted = None
+        if speculative:
+            loop = asyncio.get_running_loop()
+
+            def submitted(work: Future[Transcript]) -> None:
+                self._spec_threads += 1
+                work.add_done_callback(lambda _w: _call_soon(loop, self._speculative_thread_done))
+
+        task = asyncio.create_task(self._owner.transcribe_frames(frames, self._language, submitted=submitted),
                                    name="knotd_stt_transcribe")
         return _Transcription(task, sum(f.duration for f in frames), speech_end_time, speculative)
 
@@ -368,6 +396,13 @@ class SpeculativeStream(stt.RecognizeStream):
             self._event_ch.send_nowait(stt.SpeechEvent(
                 type=stt.SpeechEventType.RECOGNITION_USAGE, request_id=request_id,
                 recognition_usage=stt.RecognitionUsage(audio_duration=item.audio_s)))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        pass  # the session's loop is closed: nobody is waiting any more
 
 
 def _forget(transcription: _Transcription) -> None:
