@@ -243,6 +243,7 @@ class SpeculativeStream(stt.RecognizeStream):
         self._capped = False  # the open stretch of speech passed max_utterance_s: not heard until a pause
         self._spec_threads = 0  # speculative transcriptions whose thread has not finished
         self._waiting_end: float | None = None  # a pause that waits for the running speculative thread
+        self._silence_s = 0.0  # our VAD's silence so far, as of its last inference
 
     async def _run(self) -> None:
         self._reset()
@@ -299,6 +300,7 @@ class SpeculativeStream(stt.RecognizeStream):
             if self._utterance_s >= self._max_utterance_s and self._speaking:
                 self._cap()
         self._processed += sum(f.samples_per_channel for f in ev.frames)
+        self._silence_s = ev.raw_accumulated_silence
         if self._held is not None and ev.raw_accumulated_silence >= self._release_silence_s:
             self._release()
         self._check_flushes()
@@ -344,6 +346,8 @@ class SpeculativeStream(stt.RecognizeStream):
         self._waiting_end = None
         if self._utterance and self._held is None and not self._speaking:
             self._held = self._transcribe(list(self._utterance), speech_end, speculative=True)
+            if self._silence_s >= self._release_silence_s:  # started late: the pause is long enough already
+                self._release()
 
     def _speculative_thread_done(self) -> None:
         self._spec_threads -= 1
