@@ -88,7 +88,8 @@ class Bootstrap:
         metrics.initialise(self.state.max_sessions)
         self.monitor.start()
         with stage("status_listen"):
-            return await start_status_server(self.state, self.settings.status.listen, self.monitor)
+            return await start_status_server(self.state, self.settings.status.listen, self.monitor,
+                                             allowed_hosts=self.settings.status.allowed_hosts)
 
     async def load_resources(self) -> Any:
         """Load the shared models (in a thread), then the guardrail rules and the phase script.

@@ -71,6 +71,9 @@ class LiveKitSettings:
 @dataclass(frozen=True)
 class StatusSettings:
     listen: ListenAddress = field(default_factory=lambda: ListenAddress("127.0.0.1", 9464))
+    # Host names (besides the listen address, localhost and IP addresses) a request's Host header may carry,
+    # e.g. the name Prometheus scrapes; any other gets 421 (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,13 @@ def _convert(dotted: str, default: Any, value: Any, where: str | None) -> Any:
         if not isinstance(value, str):
             raise fail(f"expected a string like '127.0.0.1:9464', got {_toml_type(value)}")
         return _parse_listen(value, fail)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise fail(f"expected an array of strings, got {_toml_type(value)}")
+        bad = [v for v in value if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", v)]
+        if bad:
+            raise fail(f"not a host name: {bad[0]!r}")
+        return tuple(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise fail(f"expected true or false, got {_toml_type(value)}")

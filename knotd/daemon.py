@@ -30,7 +30,7 @@ from aiohttp import web
 from knotd import metrics
 from knotd.bootstrap import Bootstrap
 from knotd.config import Settings
-from knotd.errors import WorkerError
+from knotd.errors import KnotdError, WorkerError
 from knotd.lifecycle import Facts, Lifecycle
 from knotd.stages import stage
 from knotd.systemd import Notifier, Ticker
@@ -153,7 +153,10 @@ class Daemon:
         return 0
 
     async def _models_failed(self, server: Any, run_task: asyncio.Task[None], exc: BaseException) -> int:
-        self.facts.failure = f"model loading failed: {exc}"
+        # The page, /api/status and STATUS= show knotd's own message or the type only: exception text from a
+        # library can carry URLs, tokens or paths (the log line has the detail, redacted).
+        detail = str(exc) if isinstance(exc, KnotdError) else type(exc).__name__
+        self.facts.failure = f"model loading failed: {detail}"
         self._update()
         log.error("models_failed", error=str(exc), error_type=type(exc).__name__)
         await server.aclose()
@@ -162,10 +165,10 @@ class Daemon:
 
     async def _worker_failed(self, server: Any, run_task: asyncio.Task[None]) -> int:
         exc = run_task.exception()
-        reason = f"LiveKit worker stopped: {exc}" if exc else "LiveKit worker stopped unexpectedly"
+        reason = f"LiveKit worker stopped ({type(exc).__name__})" if exc else "LiveKit worker stopped unexpectedly"
         self.facts.failure = reason
         self._update()
-        log.error("worker_failed", reason=reason)
+        log.error("worker_failed", reason=reason, error=str(exc) if exc else None)
         await server.aclose()
         raise WorkerError(reason)
 
