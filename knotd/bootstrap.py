@@ -31,7 +31,8 @@ log = structlog.get_logger(__name__)
 
 def session_observers(settings: Settings, state: DaemonState) -> Observers:
     """Everything a session reports to: the daemon's state, the metrics, the sessions journal."""
-    return Observers(state, metrics.MetricsObserver(), SessionJournal(settings.session.state_dir))
+    return Observers(state, metrics.MetricsObserver(),
+                     SessionJournal(settings.session.state_dir, on_problem=state.journal_status))
 
 
 def recover_crashed_sessions(settings: Settings) -> int:

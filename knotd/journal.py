@@ -21,7 +21,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,12 @@ class SessionJournal(SessionObserver):
     session counts as finished anyway.
     """
 
-    def __init__(self, state_dir: Path | str) -> None:
+    def __init__(self, state_dir: Path | str,
+                 on_problem: Callable[[str | None, int], None] = lambda problem, pending: None) -> None:
+        """``on_problem(problem, pending)`` is told when writing fails (the path and error) and when it works
+        again (None), for the status page."""
         self.state_dir = Path(state_dir)
+        self._on_problem = on_problem
         self._lock = threading.Lock()
         self._pending: list[dict[str, Any]] = []
         self._failing: str | None = None  # the error last logged, so a lasting fault is logged once
@@ -118,11 +122,14 @@ class SessionJournal(SessionObserver):
             if self._failing is not None:
                 log.info("session_summaries_written_again", file=str(self.state_dir / SESSIONS_FILE))
                 self._failing = None
+                self._on_problem(None, 0)
             return True
 
     def _report_failure(self, err: OSError, path: Path, *, count: bool) -> None:
         if count:
             metrics.SUMMARY_WRITE_FAILURES.inc()
+            reason = os.strerror(err.errno) if err.errno else type(err).__name__
+            self._on_problem(f"{path}: {reason}", len(self._pending))
         code = errno_names.errorcode.get(err.errno or 0, type(err).__name__)
         if self._failing != code:  # a lasting fault is logged once, not per session
             self._failing = code

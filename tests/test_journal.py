@@ -84,9 +84,14 @@ def test_full_disk_writes_no_fragment_and_keeps_records_until_space_returns(smal
 
 def test_read_only_state_dir_is_logged_once_with_path_and_errno(small_tmpfs, capsys):
     from knotd import logs
+    from knotd.state import DaemonState
+    from knotd.status.latency import LatencyHistograms
+    from knotd.status.page import create_environment, render_index
+    from knotd.status.view import build_page
 
     logs.configure("info", "json")
-    journal = SessionJournal(small_tmpfs)
+    state = DaemonState()
+    journal = SessionJournal(small_tmpfs, on_problem=state.journal_status)
     assert journal.write(_record(1, 10))
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     for n in range(2, 5):
@@ -95,8 +100,14 @@ def test_read_only_state_dir_is_logged_once_with_path_and_errno(small_tmpfs, cap
               if "session_summary_not_written" in line]
     assert len(errors) == 1
     assert errors[0]["errno"] == "EROFS" and errors[0]["path"] == str(small_tmpfs / SESSIONS_FILE)
+    snapshot = state.snapshot()
+    assert snapshot.to_json()["journal"] == {"problem": f"{small_tmpfs / SESSIONS_FILE}: Read-only file system",
+                                             "pending_records": 3}
+    page = render_index(create_environment(), build_page(snapshot, LatencyHistograms()))
+    assert "Session records are not being written" in page and "3 records wait in memory" in page
     subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
     assert journal.write(_record(5, 10))
+    assert state.snapshot().journal_problem is None
     assert [r["session_id"] for r in read_records(small_tmpfs)] == ["s1", "s2", "s3", "s4", "s5"]
 
 
