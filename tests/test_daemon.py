@@ -271,3 +271,25 @@ async def test_a_session_killed_with_its_daemon_is_recorded_as_crashed_at_the_ne
             again.wait(timeout=60)
         except subprocess.TimeoutExpired:
             again.kill()
+
+
+async def test_a_corrupt_model_file_fails_the_start_with_exit_3(tmp_path, model_dir):
+    """The Whisper model directory replaced by a corrupt file between two starts: `knotd run` stops with one
+    line naming the model and exit 3 (the unit's RestartPreventExitStatus=, so no restart loop)."""
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.bin").write_bytes(os.urandom(4096))
+    config = tmp_path / "knotd.toml"
+    config.write_text(f'[livekit]\nurl = "ws://127.0.0.1:{free_port()}"\n[stt]\nmodel = "{broken}"\n'
+                      f'[session]\nstate_dir = "{tmp_path / "state"}"\n[status]\nlisten = "127.0.0.1:{free_port()}"\n'
+                      '[log]\nformat = "json"\n')
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "knotd", "run", "--config", str(config), env=env, cwd=str(tmp_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 180)
+    lines = err.decode().splitlines()
+    assert proc.returncode == 3, lines[-5:]
+    assert lines[-1].startswith("knotd: cannot load the whisper model from ") and str(broken) in lines[-1]
+    assert "Traceback" not in err.decode()
