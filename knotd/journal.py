@@ -83,7 +83,7 @@ class SessionJournal(SessionObserver):
                 marker["phases_reached"].append(phase)
             marker["final_phase"] = phase
             marker = dict(marker, phases_reached=list(marker["phases_reached"]))
-        self._save_marker(marker)
+        self._save_marker(marker, durable=False)
 
     def turn_completed(self, session_id: str, components: Mapping[str, float]) -> None:
         with self._lock:
@@ -91,9 +91,9 @@ class SessionJournal(SessionObserver):
             if marker is not None:
                 marker["turns"] += 1  # written with the next phase change or at the end: a count may lag
 
-    def _save_marker(self, marker: dict[str, Any]) -> None:
+    def _save_marker(self, marker: dict[str, Any], *, durable: bool = True) -> None:
         try:
-            write_marker(self.state_dir, marker)
+            write_marker(self.state_dir, marker, durable=durable)
         except OSError as err:
             self._report_failure(err, self.state_dir / OPEN_DIR, count=False)
 
@@ -209,8 +209,10 @@ def _marker_path(state_dir: Path, session_id: str) -> Path:
     return state_dir / OPEN_DIR / f"{safe}.json"
 
 
-def write_marker(state_dir: Path | str, marker: dict[str, Any]) -> None:
-    """Write (replace) a running session's marker atomically and durably."""
+def write_marker(state_dir: Path | str, marker: dict[str, Any], *, durable: bool = True) -> None:
+    """Write (replace) a running session's marker atomically; ``durable`` also fsyncs it (the first write of a
+    session: that the session existed must survive a crash; a later phase is a detail not worth an fsync on
+    the session's loop)."""
     directory = Path(state_dir) / OPEN_DIR
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
@@ -219,11 +221,13 @@ def write_marker(state_dir: Path | str, marker: dict[str, Any]) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
     try:
         _write_all(fd, json.dumps(marker, ensure_ascii=False).encode("utf-8"))
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(directory)
+    if durable:
+        _fsync_dir(directory)
     if created:
         _fsync_dir(Path(state_dir))
 
