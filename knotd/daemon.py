@@ -34,11 +34,13 @@ from knotd.errors import KnotdError, WorkerError
 from knotd.lifecycle import Facts, Lifecycle
 from knotd.stages import stage
 from knotd.systemd import Notifier, Ticker
-from knotd.worker import ConnectionWatch, build_server
+from knotd.worker import ConnectionWatch, FfiPanicWatch, build_server
 
 log = structlog.get_logger(__name__)
 
 FORCED_EXIT_CODE = 130
+# The livekit rtc SDK's native core panicked: drain what still runs, then exit non-zero so systemd restarts.
+FFI_PANIC_EXIT_CODE = 1
 
 
 class Daemon:
@@ -57,6 +59,7 @@ class Daemon:
         self.ticker = Ticker(notifier)
         self._stop = asyncio.Event()
         self._signals = 0
+        self._exit_code = 0
         # Resolved (on the main loop) with the job entrypoint once the models are loaded; job threads wait on it.
         self._entrypoint: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._sent_ready = False
@@ -68,10 +71,11 @@ class Daemon:
         self.ticker.start()
         runner: web.AppRunner | None = None
         try:
-            self._update()
-            models_task = asyncio.create_task(self._load_models(), name="knotd:models")
-            runner = await self.boot.start_status_server()
-            return await self._serve_worker(models_task)
+            with FfiPanicWatch(lambda: loop.call_soon_threadsafe(self._on_ffi_panic)):
+                self._update()
+                models_task = asyncio.create_task(self._load_models(), name="knotd:models")
+                runner = await self.boot.start_status_server()
+                return await self._serve_worker(models_task)
         finally:
             await self.ticker.stop()
             await self.boot.close()
@@ -150,7 +154,7 @@ class Daemon:
         self.ticker.extend_stop_timeout(False)
         self.facts.stopped = True
         self._update()
-        return 0
+        return self._exit_code
 
     async def _models_failed(self, server: Any, run_task: asyncio.Task[None], exc: BaseException) -> int:
         # The page, /api/status and STATUS= show knotd's own message or the type only: exception text from a
@@ -199,6 +203,13 @@ class Daemon:
             logging.shutdown()
             os._exit(FORCED_EXIT_CODE)
         log.info("stop_requested", signal=sig.name)
+        self._stop.set()
+
+    def _on_ffi_panic(self) -> None:
+        # livekit has printed "FFI Panic: <message>" to stderr (the journal) already.
+        log.error("livekit_ffi_panic", action="draining, then exiting for a restart")
+        metrics.LIVEKIT_FFI_PANICS.inc()
+        self._exit_code = FFI_PANIC_EXIT_CODE
         self._stop.set()
 
     def _update(self) -> None:
