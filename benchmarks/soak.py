@@ -85,6 +85,20 @@ def inflight(status_url: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(r"^knotd_handler_tasks_inflight\{[^}]*\} (\S+)$", text, re.M))
 
 
+def active_sessions(status_url: str) -> int:
+    with urllib.request.urlopen(f"{status_url}/api/status", timeout=10) as r:
+        return len(json.loads(r.read())["sessions"])
+
+
+async def free_slot(status_url: str, max_sessions: int) -> None:
+    """Wait until knotd has a free slot and LiveKit has heard of it: a room opened while the worker still
+    reports itself full gets no agent, and LiveKit does not offer it again (its load reaches LiveKit with the
+    worker's next status update, every 2.5 s)."""
+    while await asyncio.to_thread(active_sessions, status_url) >= max_sessions:
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(3.0)
+
+
 def sample(pid: int, status_url: str) -> Sample:
     rss, threads = proc_status(pid)
     return Sample(time.monotonic(), rss, pss_mb(pid), len(os.listdir(f"/proc/{pid}/fd")), threads,
@@ -118,6 +132,7 @@ async def run_phase(server: LiveKitServer, daemon: subprocess.Popen, status_url:
 
     async def lane(n: int) -> None:
         while time.monotonic() < deadline and phase.calls + phase.failed_calls < max_calls:
+            await free_slot(status_url, concurrency)
             await one_call(server, f"c{concurrency}-{n}-{next(counter)}", phase)
 
     async def sampler() -> None:
