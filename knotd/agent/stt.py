@@ -240,7 +240,7 @@ class SpeculativeStream(stt.RecognizeStream):
         self._flushes: deque[int] = deque()  # self._pushed at each flush, waiting for the VAD to catch up
         self._flush_slack = 0
         self._utterance_s = 0.0
-        self._capped = False  # the open stretch of speech passed max_utterance_s: not heard until a pause
+        self._capped = False  # the utterance passed max_utterance_s: nothing is transcribed until the turn ends
         self._spec_threads = 0  # speculative transcriptions whose thread has not finished
         self._waiting_end: float | None = None  # a pause that waits for the running speculative thread
         self._silence_s = 0.0  # our VAD's silence so far, as of its last inference
@@ -301,13 +301,16 @@ class SpeculativeStream(stt.RecognizeStream):
                 self._cap()
         self._processed += sum(f.samples_per_channel for f in ev.frames)
         self._silence_s = ev.raw_accumulated_silence
+        if self._capped and self._silence_s >= self._release_silence_s:
+            self._capped = False  # the turn is over: the caller is heard again
         if self._held is not None and ev.raw_accumulated_silence >= self._release_silence_s:
             self._release()
         self._check_flushes()
 
     def _on_speech_started(self, ev: lk_vad.VADEvent) -> None:
         self._speaking = True
-        self._capped = False
+        if self._capped:
+            return
         if self._utterance is None:
             self._utterance = list(ev.frames)  # Silero's prefix padding and the speech so far
             self._utterance_s = sum(f.duration for f in ev.frames)
@@ -321,7 +324,8 @@ class SpeculativeStream(stt.RecognizeStream):
             metrics.STT_SPECULATIVE.labels(result="discarded").inc()
 
     def _cap(self) -> None:
-        """The utterance is as long as allowed: hand over what there is; the rest of this speech is dropped."""
+        """The utterance is as long as allowed: hand over what there is; the rest of the turn is not transcribed
+    (until the session ends the turn or a pause as long as its VAD needs)."""
         log.warning("stt_utterance_capped", max_utterance_s=self._max_utterance_s)
         self._owner._capped += 1
         if self._held is None and self._utterance:
@@ -333,7 +337,6 @@ class SpeculativeStream(stt.RecognizeStream):
 
     def _on_speech_ended(self, ev: lk_vad.VADEvent) -> None:
         self._speaking = False
-        self._capped = False
         speech_end = time.time() - ev.silence_duration - ev.inference_duration
         if self._spec_threads:
             # One speculative run at a time: this pause's starts when the running one's thread is done.
@@ -357,6 +360,7 @@ class SpeculativeStream(stt.RecognizeStream):
     def _check_flushes(self) -> None:
         while self._flushes and self._processed + self._flush_slack >= self._flushes[0]:
             self._flushes.popleft()
+            self._capped = False  # the session ended the turn
             if self._held is None and self._utterance:
                 self._held = self._transcribe(list(self._utterance), time.time(), speculative=False)
             if self._held is not None:
