@@ -61,6 +61,19 @@ def build_server(
     return server
 
 
+async def announce_load(server: AgentServer) -> None:
+    """Send LiveKit the worker's load now, not at livekit's next status update (every 2.5 s).
+
+    LiveKit offers a room only to a worker it believes has room and does not queue the job ("not dispatching
+    agent job since no worker is available"): a caller joining between READY=1 — or a session's end — and
+    that update would get no agent at all. livekit 1.8.9 has no public call for this; these two private
+    methods are what its own status loop runs. tests/test_room.py joins a room right after READY, so a
+    rename fails there.
+    """
+    await server._refresh_worker_load()
+    await server._update_worker_status()
+
+
 class ConnectionWatch(logging.Handler):
     """Calls ``on_lost`` whenever livekit reports that the worker connection failed or dropped."""
 

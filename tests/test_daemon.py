@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from livekit.protocol import agent
 
 from knotd.journal import read_records
 from tests.conftest import API_KEY, API_SECRET, free_port
@@ -293,3 +294,23 @@ async def test_a_corrupt_model_file_fails_the_start_with_exit_3(tmp_path, model_
     assert proc.returncode == 3, lines[-5:]
     assert lines[-1].startswith("knotd: cannot load the whisper model from ") and str(broken) in lines[-1]
     assert "Traceback" not in err.decode()
+
+
+async def test_livekit_knows_the_worker_has_room_when_ready_is_sent(standin, start_daemon, notify_socket):
+    """LiveKit offers a room only to a worker it believes has room, and does not queue it: the worker's
+    "available" status reaches LiveKit together with READY=1, not at livekit's next periodic update (2.5 s
+    after the connection, which is about when knotd becomes ready: without the push it came ≈ 2.4 s late).
+    """
+    daemon = await start_daemon(standin.url)
+    ready = await notify_socket.wait_for("READY", timeout=120)
+    ready_wall = time.time() - (time.monotonic() - ready.at)
+
+    def available():
+        return [r for r in standin.messages if r.kind == "update_worker"
+                and r.message.update_worker.status == agent.WorkerStatus.WS_AVAILABLE]
+
+    await standin.wait_for(lambda: available(), timeout=10, what="an available status")
+    assert available()[0].at - ready_wall < 1.0
+    assert available()[0].message.update_worker.load == 0.0
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit(timeout=30) == 0
