@@ -171,12 +171,22 @@ class Daemon:
 
     async def _worker_failed(self, server: Any, run_task: asyncio.Task[None]) -> int:
         exc = run_task.exception()
-        reason = f"LiveKit worker stopped ({type(exc).__name__})" if exc else "LiveKit worker stopped unexpectedly"
+        reason = self._worker_failure_reason(exc)
         self.facts.failure = reason
         self._update()
         log.error("worker_failed", reason=reason, error=str(exc) if exc else None)
         await server.aclose()
         raise WorkerError(reason)
+
+    def _worker_failure_reason(self, exc: BaseException | None) -> str:
+        """What the page, /api/status and STATUS= say: knotd's own words, never the exception's text (it can
+        carry URLs with tokens or request details); the log line has the detail, redacted."""
+        if exc is None:
+            return "LiveKit worker stopped unexpectedly"
+        if "failed to connect" in str(exc):  # livekit gave up after worker.max_retry attempts
+            return (f"LiveKit worker stopped: failed to connect to livekit after {self.settings.worker.max_retry} "
+                    f"attempts ({self.settings.livekit.url})")
+        return f"LiveKit worker stopped ({type(exc).__name__})"
 
     # -- events (all on the main loop) --------------------------------------------------------------
     def _on_registered(self, worker_id: str, server_info: Any = None) -> None:

@@ -10,7 +10,7 @@ A session that is running has a small marker file in ``<state_dir>/open/`` (fsyn
 outcome ``crashed`` (``recover_open_sessions``), so no session goes unrecorded.
 
 ``SessionJournal`` is the session observer that does both. When the state directory cannot be written it
-logs once (path and errno), counts ``knotd_summary_write_failures_total``, keeps the records in memory and
+logs once (path and errno), counts ``knotd_session_record_write_failures_total``, keeps the records in memory and
 writes them with the next record that succeeds.
 """
 
@@ -127,7 +127,7 @@ class SessionJournal(SessionObserver):
 
     def _report_failure(self, err: OSError, path: Path, *, count: bool) -> None:
         if count:
-            metrics.SUMMARY_WRITE_FAILURES.inc()
+            metrics.RECORD_WRITE_FAILURES.inc()
             reason = os.strerror(err.errno) if err.errno else type(err).__name__
             self._on_problem(f"{path}: {reason}", len(self._pending))
         code = errno_names.errorcode.get(err.errno or 0, type(err).__name__)

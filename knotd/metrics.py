@@ -85,8 +85,8 @@ LLM_FAILURES = Counter(
     "LLM requests that failed and were answered with the fallback line, by reason.",
     ["reason"],
 )
-SUMMARY_WRITE_FAILURES = Counter(
-    "knotd_summary_write_failures_total",
+RECORD_WRITE_FAILURES = Counter(
+    "knotd_session_record_write_failures_total",
     "Session records that could not be appended to sessions.jsonl (state directory full or read-only); they "
     "wait in memory and are written with the next record that succeeds.",
 )

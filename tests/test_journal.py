@@ -68,13 +68,13 @@ def test_full_disk_writes_no_fragment_and_keeps_records_until_space_returns(smal
     assert journal.write(_record(1, 5000))
     before = (small_tmpfs / "state" / SESSIONS_FILE).read_bytes()
     filler = _fill(small_tmpfs)
-    failures = metrics.SUMMARY_WRITE_FAILURES._value.get()
+    failures = metrics.RECORD_WRITE_FAILURES._value.get()
 
     assert not journal.write(_record(2, 5000))
     assert not journal.write(_record(3, 5000))
     assert (small_tmpfs / "state" / SESSIONS_FILE).read_bytes() == before  # not a byte of a half record
     assert journal.pending == 2
-    assert metrics.SUMMARY_WRITE_FAILURES._value.get() == failures + 2
+    assert metrics.RECORD_WRITE_FAILURES._value.get() == failures + 2
 
     filler.unlink()
     assert journal.write(_record(4, 5000))
