@@ -66,6 +66,8 @@ class LiveKitSettings:
     agent_name: str = "knotencheck"
     api_key: Secret = field(default_factory=lambda: Secret(""), metadata={"secret": True})
     api_secret: Secret = field(default_factory=lambda: Secret(""), metadata={"secret": True})
+    # The server's agents.target_load: it offers a room only to a worker whose reported load is below it.
+    target_load: float = 0.7
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 # (lowest, highest) allowed, inclusive.
 _RANGES: dict[str, tuple[float, float]] = {
     "worker.max_sessions": (1, 64),
+    "livekit.target_load": (0.05, 1.0),
     "worker.drain_timeout_s": (0, 86400),
     "worker.max_retry": (0, 1000),
     "session.start_timeout_s": (1, 300),
