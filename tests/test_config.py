@@ -232,3 +232,12 @@ def test_check_config_checks_the_state_directory_and_passes_a_good_config(tmp_pa
     path.write_text(_config(tmp_path, state=str(tmp_path / "plain" / "state")))
     code, out, err = _check_config(path, capsys)
     assert code == 2 and "session.state_dir" in err and "Not a directory" in err, err
+
+
+def test_status_allowed_hosts_are_host_names(tmp_path):
+    path = write(tmp_path, GOOD.replace('listen = "127.0.0.1:9464"',
+                                        'listen = "0.0.0.0:9464"\nallowed_hosts = ["knotd-vm1", "knotd.example.org"]'))
+    assert load_settings(path, ENV).status.allowed_hosts == ("knotd-vm1", "knotd.example.org")
+    path.write_text(GOOD.replace('listen = "127.0.0.1:9464"', 'allowed_hosts = ["evil host/"]'))
+    with pytest.raises(ConfigError, match="status.allowed_hosts.*not a host name"):
+        load_settings(path, ENV)
