@@ -199,7 +199,7 @@ async def test_a_spoken_turn_uses_the_speculative_transcript_and_its_latency_bre
 
 
 async def test_a_pause_mid_answer_is_one_turn_with_the_whole_answer(models, model_dir, tmp_path, stt_settings):
-    used, discarded = speculative("used"), speculative("discarded")
+    used, discarded, skipped = speculative("used"), speculative("discarded"), speculative("skipped")
 
     result, said = await talk(models, model_dir, tmp_path, stt_settings,
                               speech("Ja, ich bin einverstanden", "und möchte anfangen."))
@@ -208,7 +208,9 @@ async def test_a_pause_mid_answer_is_one_turn_with_the_whole_answer(models, mode
     assert len(user) == 1 and contains_words(user[0], ("ja", "möchte", "anfangen")), user
     assert [role for role, _ in said] == ["assistant", "user", "assistant"]
     assert speculative("discarded") >= discarded + 1
-    assert speculative("used") == used + 1
+    # The final pause's speculative run waits while the dropped one still holds the CPU (one at a time); on a
+    # starved machine the session's end of turn then comes first and the turn is transcribed at once instead.
+    assert speculative("used") == used + 1 or speculative("skipped") > skipped
 
 
 async def test_without_speculation_the_turn_is_transcribed_once_it_has_ended(models, model_dir, tmp_path,

@@ -309,6 +309,7 @@ class SpeculativeStream(stt.RecognizeStream):
 
     def _on_speech_started(self, ev: lk_vad.VADEvent) -> None:
         self._speaking = True
+        self._waiting_end = None  # that pause is over
         if self._capped:
             return
         if self._utterance is None:
@@ -372,6 +373,7 @@ class SpeculativeStream(stt.RecognizeStream):
         if held.speculative:
             metrics.STT_SPECULATIVE.labels(result="used").inc()
         # Still speaking (a flush mid-speech): what follows is a new utterance.
+        self._waiting_end = None
         self._utterance = [] if self._speaking else None
         self._utterance_s = 0.0
         self._released.put_nowait(held)
