@@ -119,7 +119,11 @@ case "$cmd" in
         venv "test,models"
         model
         livekit_server
-        for script in benchmarks/[!_]*.py; do say "$script"; "$VENV/bin/python" "$script"; done
+        # soak.py (an hour by default) and package.py (root, builds packages) run only when asked for.
+        for script in benchmarks/[!_]*.py; do
+            case "$script" in */soak.py|*/package.py) continue ;; esac
+            say "$script"; "$VENV/bin/python" "$script"
+        done
         ;;
     livekit-server)
         livekit_server

@@ -9,25 +9,43 @@ from: a LiveKit room (``knotd.daemon``) or local files (``knotd.demo``).
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import Future
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from knotd import metrics
 from knotd.agent.observer import Observers
 from knotd.config import Settings
-from knotd.journal import SessionJournal
+from knotd.journal import SessionJournal, recover_open_sessions
 from knotd.lifecycle import Facts, Lifecycle, derive
 from knotd.stages import stage
 from knotd.state import DaemonState
 from knotd.status.app import LoopMonitor, start_status_server
 from knotd.status.snapshot import DEMO, LIVEKIT
 
+log = structlog.get_logger(__name__)
+
 
 def session_observers(settings: Settings, state: DaemonState) -> Observers:
     """Everything a session reports to: the daemon's state, the metrics, the sessions journal."""
-    return Observers(state, metrics.MetricsObserver(), SessionJournal(settings.session.state_dir))
+    return Observers(state, metrics.MetricsObserver(),
+                     SessionJournal(settings.session.state_dir, on_problem=state.journal_status))
+
+
+def recover_crashed_sessions(settings: Settings) -> int:
+    """Record the sessions a killed knotd left open (outcome ``crashed``); how many there were."""
+    try:
+        records = recover_open_sessions(settings.session.state_dir)
+    except OSError as err:
+        log.error("crashed_sessions_not_recovered", state_dir=settings.session.state_dir,
+                  error=os.strerror(err.errno) if err.errno else type(err).__name__)
+        return 0
+    for _ in records:
+        metrics.SESSIONS.labels(outcome="crashed").inc()
+    return len(records)
 
 
 class Bootstrap:
@@ -52,6 +70,7 @@ class Bootstrap:
             mode=DEMO if demo else LIVEKIT,
         )
         self.observers = session_observers(settings, self.state)
+        self.recovered = recover_crashed_sessions(settings)
         self.monitor = LoopMonitor()
         self._whisper = whisper
         self._guardrail = guardrail
@@ -73,7 +92,8 @@ class Bootstrap:
         metrics.initialise(self.state.max_sessions)
         self.monitor.start()
         with stage("status_listen"):
-            return await start_status_server(self.state, self.settings.status.listen, self.monitor)
+            return await start_status_server(self.state, self.settings.status.listen, self.monitor,
+                                             allowed_hosts=self.settings.status.allowed_hosts)
 
     async def load_resources(self) -> Any:
         """Load the shared models (in a thread), then the guardrail rules and the phase script.

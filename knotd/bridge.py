@@ -9,7 +9,8 @@ livekit job thread's) and:
 - keeps a strong reference to every task until it ends;
 - counts outcomes (``ok``, ``failed``, ``cancelled``) per handler and tracks in-flight tasks;
 - logs a failure with the handler's name and the exception *type* only: exception messages and reprs can
-  carry URLs, headers or keys (livekit/agents#6739 leaked an API key exactly that way);
+  carry URLs, headers or keys (livekit/agents#6739 leaked an API key exactly that way); a storm of the same
+  failure is logged once per ``FAILURE_LOG_INTERVAL_S`` with the number left out (every one is counted);
 - on session close waits for in-flight tasks up to a bound, then cancels and counts the stragglers.
 """
 
@@ -28,6 +29,8 @@ import structlog
 from knotd import metrics
 
 log = structlog.get_logger(__name__)
+
+FAILURE_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class TaskBridge:
         self._lock = threading.Lock()
         self._closing = False
         self.failures = 0
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}  # (handler, type) -> (last logged, left out)
 
     @property
     def inflight(self) -> int:
@@ -145,13 +149,20 @@ class TaskBridge:
         self.failures += 1
         exc = task.exception()
         failure = TaskFailure(self.session_id, handler, type(exc).__name__, time.time())
-        log.error(
-            "bridge_task_failed",
-            session_id=self.session_id,
-            handler=handler,
-            exception=failure.exception,
-            duration_ms=round((time.perf_counter() - started) * 1000, 1),
-        )
+        key, now = (handler, failure.exception), time.monotonic()
+        last, left_out = self._logged.get(key, (-FAILURE_LOG_INTERVAL_S, 0))
+        if now - last >= FAILURE_LOG_INTERVAL_S:
+            self._logged[key] = (now, 0)
+            log.error(
+                "bridge_task_failed",
+                session_id=self.session_id,
+                handler=handler,
+                exception=failure.exception,
+                duration_ms=round((time.perf_counter() - started) * 1000, 1),
+                **({"not_logged_since_last": left_out} if left_out else {}),
+            )
+        else:
+            self._logged[key] = (last, left_out + 1)
         if self._on_failure is not None:
             try:
                 self._on_failure(failure)

@@ -145,19 +145,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     import json
 
     settings = load_settings(args.config, require_livekit=not args.offline)
-    from knotd.conversation.guardrails import Guardrail
-    from knotd.errors import ModelError
-    from knotd.speech.models import check_model_dir
+    from knotd.preflight import check_runtime
 
-    Guardrail.load(settings.guardrails.rules or None)  # a bad rules file is a config error here, not at start
-
-    try:
-        check_model_dir(Path(settings.stt.model))
-        model_note = "model directory complete"
-    except ModelError as err:
-        raise ConfigError("stt.model", str(err)) from None
+    notes = check_runtime(settings)
     print(json.dumps(public_view(settings), indent=2))
-    print(f"knotd: config OK: {settings.source} ({model_note})", file=sys.stderr)
+    for note in notes:
+        print(f"knotd: note: {note}", file=sys.stderr)
+    print(f"knotd: config OK: {settings.source} (rules, phase script, model directory, status address and state "
+          "directory checked)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from knotd.datafiles import Locator, parse_toml, read_data_file
+from knotd.datafiles import Locator, describe_os_error, parse_toml, read_data_file, read_small_file
 from knotd.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/knotd/knotd.toml")
@@ -73,6 +73,9 @@ class LiveKitSettings:
 @dataclass(frozen=True)
 class StatusSettings:
     listen: ListenAddress = field(default_factory=lambda: ListenAddress("127.0.0.1", 9464))
+    # Host names (besides the listen address, localhost and IP addresses) a request's Host header may carry,
+    # e.g. the name Prometheus scrapes; any other gets 421 (DNS rebinding).
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ class SttSettings:
     context: bool = True
     # A prompted transcript is dropped when Whisper thinks it this likely that nothing was said.
     no_speech_threshold: float = 0.6
+    # Longest utterance transcribed; a caller who talks on is cut there and told so (bounds CPU and memory).
+    max_utterance_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -220,6 +225,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "stt.max_window_s": (5, 30),
     "stt.speculative_silence_s": (0.05, 1.0),
     "stt.no_speech_threshold": (0.0, 1.0),
+    "stt.max_utterance_s": (5, 120),
     "turn.min_endpointing_delay_s": (0, 10),
     "turn.max_endpointing_delay_s": (0, 30),
     "llm.max_tokens": (1, 8192),
@@ -295,7 +301,8 @@ def _resolve_relative_paths(sections: dict[str, Any], base: Path) -> dict[str, A
         section = sections[section_name]
         value = getattr(section, key)
         if value and not Path(value).is_absolute():
-            resolved = str((base / value).resolve())
+            # Lexically: resolve() would touch the file system (and fail on a symlink loop) before any check.
+            resolved = os.path.normpath(os.path.join(os.path.abspath(base), value))
             sections[section_name] = dataclasses.replace(section, **{key: resolved})
     return sections
 
@@ -326,6 +333,13 @@ def _convert(dotted: str, default: Any, value: Any, where: str | None) -> Any:
         if not isinstance(value, str):
             raise fail(f"expected a string like '127.0.0.1:9464', got {_toml_type(value)}")
         return _parse_listen(value, fail)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise fail(f"expected an array of strings, got {_toml_type(value)}")
+        bad = [v for v in value if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", v)]
+        if bad:
+            raise fail(f"not a host name: {bad[0]!r}")
+        return tuple(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise fail(f"expected true or false, got {_toml_type(value)}")
@@ -357,7 +371,7 @@ def _check_range(dotted: str, value: float, fail: Any) -> None:
 
 
 def _parse_listen(value: str, fail: Any) -> ListenAddress:
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value.strip())
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([A-Za-z0-9][A-Za-z0-9.-]{0,252}):(\d{1,5})", value.strip())
     if not m:
         raise fail(f"expected host:port (e.g. '127.0.0.1:9464' or '[::1]:9464'); got {value!r}")
     host = m.group(1) or m.group(3)
@@ -403,11 +417,12 @@ def _apply_secrets(settings: Settings, env: Mapping[str, str], locate: _Locate) 
 def _read_credential(cred_dir: str, name: str, dotted: str) -> str | None:
     path = Path(cred_dir) / name
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return read_small_file(path, 64 * 1024).decode("utf-8").strip()
     except FileNotFoundError:
         return None
-    except OSError as err:
-        raise ConfigError(dotted, f"cannot read credential {path}: {type(err).__name__}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = describe_os_error(err) if isinstance(err, OSError) else "not UTF-8 text"
+        raise ConfigError(dotted, f"cannot read credential {path}: {reason}") from None
 
 
 def _check_cross_field(settings: Settings, require_livekit: bool, locate: _Locate) -> None:
@@ -423,14 +438,9 @@ def _check_cross_field(settings: Settings, require_livekit: bool, locate: _Locat
                 f"missing secret: set {missing} in the environment (/etc/knotd/knotd.env) or the systemd "
                 f"credential '{SECRET_SOURCES['livekit.api_key' if not lk.api_key else 'livekit.api_secret'][1]}'",
             )
-    if lk.url:
-        parts = urlsplit(lk.url)
-        if parts.scheme not in ("ws", "wss", "http", "https") or not parts.hostname:
-            raise ConfigError("livekit.url", f"expected a ws://, wss://, http:// or https:// URL; got {lk.url!r}",
-                              locate("livekit", "url"))
-        if parts.username or parts.password:
-            raise ConfigError("livekit.url", "credentials in the URL are not allowed; use LIVEKIT_API_KEY/SECRET",
-                              locate("livekit", "url"))
+    _check_url("livekit.url", lk.url, ("ws", "wss", "http", "https"), "LIVEKIT_API_KEY/SECRET", locate)
+    _check_url("llm.base_url", settings.llm.base_url, ("http", "https"), "KNOTD_LLM_API_KEY", locate)
+    _check_url("tts.base_url", settings.tts.base_url, ("http", "https"), "KNOTD_TTS_API_KEY", locate)
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", lk.agent_name):
         raise ConfigError("livekit.agent_name", "use 1-64 letters, digits, '.', '_' or '-'",
                           locate("livekit", "agent_name"))
@@ -439,10 +449,6 @@ def _check_cross_field(settings: Settings, require_livekit: bool, locate: _Locat
         raise ConfigError("turn.min_endpointing_delay_s", "must not be larger than turn.max_endpointing_delay_s",
                           locate("turn", "min_endpointing_delay_s"))
     if settings.llm.base_url:
-        parts = urlsplit(settings.llm.base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError("llm.base_url", f"expected an http(s) URL; got {settings.llm.base_url!r}",
-                              locate("llm", "base_url"))
         if not settings.llm.model:
             raise ConfigError("llm.model", "required when llm.base_url is set", locate("llm", "base_url"))
     if settings.tts.engine == "piper" and not settings.tts.piper_model:
@@ -450,6 +456,24 @@ def _check_cross_field(settings: Settings, require_livekit: bool, locate: _Locat
     if settings.tts.engine == "openai" and not (settings.tts.base_url and settings.tts.model):
         raise ConfigError("tts.base_url", "tts.base_url and tts.model are required when tts.engine = \"openai\"",
                           locate("tts", "engine"))
+
+
+def _check_url(dotted: str, url: str, schemes: tuple[str, ...], secret_env: str, locate: _Locate) -> None:
+    """A URL with one of ``schemes`` and a host, and no credentials in it (the error never repeats them)."""
+    if not url:
+        return
+    section, key = dotted.split(".")
+    try:
+        parts = urlsplit(url)
+        host, has_credentials = parts.hostname, "@" in parts.netloc
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        host, has_credentials, parts = None, "@" in url, None
+    if has_credentials or re.search(r"(?i)[?&](api[_-]?key|key|token|secret|password|access_token)=", url):
+        raise ConfigError(dotted, f"credentials in the URL are not allowed; use {secret_env}", locate(section, key))
+    if parts is None or parts.scheme not in schemes or not host:
+        shown = ", ".join(f"{s}://" for s in schemes)
+        raise ConfigError(dotted, f"expected a {shown} URL; got {url!r}", locate(section, key))
 
 
 def public_view(settings: Settings) -> dict[str, Any]:

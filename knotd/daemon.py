@@ -30,7 +30,7 @@ from aiohttp import web
 from knotd import metrics
 from knotd.bootstrap import Bootstrap
 from knotd.config import Settings
-from knotd.errors import WorkerError
+from knotd.errors import KnotdError, WorkerError
 from knotd.lifecycle import Facts, Lifecycle
 from knotd.stages import stage
 from knotd.systemd import Notifier, Ticker
@@ -161,7 +161,10 @@ class Daemon:
         return self._exit_code
 
     async def _models_failed(self, server: Any, run_task: asyncio.Task[None], exc: BaseException) -> int:
-        self.facts.failure = f"model loading failed: {exc}"
+        # The page, /api/status and STATUS= show knotd's own message or the type only: exception text from a
+        # library can carry URLs, tokens or paths (the log line has the detail, redacted).
+        detail = str(exc) if isinstance(exc, KnotdError) else type(exc).__name__
+        self.facts.failure = f"model loading failed: {detail}"
         self._update()
         log.error("models_failed", error=str(exc), error_type=type(exc).__name__)
         await server.aclose()
@@ -170,12 +173,22 @@ class Daemon:
 
     async def _worker_failed(self, server: Any, run_task: asyncio.Task[None]) -> int:
         exc = run_task.exception()
-        reason = f"LiveKit worker stopped: {exc}" if exc else "LiveKit worker stopped unexpectedly"
+        reason = self._worker_failure_reason(exc)
         self.facts.failure = reason
         self._update()
-        log.error("worker_failed", reason=reason)
+        log.error("worker_failed", reason=reason, error=str(exc) if exc else None)
         await server.aclose()
         raise WorkerError(reason)
+
+    def _worker_failure_reason(self, exc: BaseException | None) -> str:
+        """What the page, /api/status and STATUS= say: knotd's own words, never the exception's text (it can
+        carry URLs with tokens or request details); the log line has the detail, redacted."""
+        if exc is None:
+            return "LiveKit worker stopped unexpectedly"
+        if "failed to connect" in str(exc):  # livekit gave up after worker.max_retry attempts
+            return (f"LiveKit worker stopped: failed to connect to livekit after {self.settings.worker.max_retry} "
+                    f"attempts ({self.settings.livekit.url})")
+        return f"LiveKit worker stopped ({type(exc).__name__})"
 
     # -- events (all on the main loop) --------------------------------------------------------------
     def _on_registered(self, worker_id: str, server_info: Any = None) -> None:

@@ -3,13 +3,19 @@ script), and saying where in them a key stands, so every error names the key and
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from knotd.errors import ConfigError
+
+# Config, rules and scripts are a few KiB; anything far larger is a mistake (or /dev/zero).
+MAX_DATA_FILE_BYTES = 1 << 20
 
 _HEADER = re.compile(r"^\[\[?\s*([A-Za-z0-9_.\-]+)\s*\]\]?")
 
@@ -25,11 +31,39 @@ def read_data_file(config_key: str, path: Path | str | None, shipped: str) -> tu
         return text, f"<shipped {shipped}>"
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8"), str(path)
+        return read_small_file(path).decode("utf-8"), str(path)
     except FileNotFoundError:
         raise ConfigError(config_key, f"file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(config_key, f"cannot read {path}: {type(err).__name__}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(config_key, f"cannot read {path}: not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(config_key, f"cannot read {path}: {describe_os_error(err)}") from None
+
+
+def read_small_file(path: Path, limit: int = MAX_DATA_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; never blocks on a FIFO or reads a device.
+
+    Raises:
+        OSError: cannot be opened, is not a regular file (EINVAL), or is larger than ``limit`` (EFBIG).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit // 1024} KiB")
+        data = os.read(fd, limit + 1)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit // 1024} KiB")
+        return data
+    finally:
+        os.close(fd)
+
+
+def describe_os_error(err: OSError) -> str:
+    """``strerror`` of an OSError, for a person ("Permission denied", "Too many levels of symbolic links")."""
+    return err.strerror or type(err).__name__
 
 
 def parse_toml(config_key: str, text: str, source: str) -> dict[str, Any]:
@@ -38,6 +72,8 @@ def parse_toml(config_key: str, text: str, source: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(config_key, f"invalid TOML: {err}", source) from None
+    except RecursionError:
+        raise ConfigError(config_key, "invalid TOML: arrays or tables nested too deeply", source) from None
 
 
 class Locator:

@@ -32,7 +32,9 @@ def bundled_requests() -> list[Path]:
 
 
 class DemoError(KnotdError):
-    pass
+    """Bad demo input (an audio file, the reply path): a usage error."""
+
+    exit_code = 2
 
 
 async def run_demo(
@@ -44,17 +46,25 @@ async def run_demo(
     printer: Any = print,
 ) -> int:
     """Run the demo session; returns the exit code. Prints the transcript, stage and turn latencies."""
-    from knotd.agent.local_io import read_wav, write_wav
+    from knotd.agent.local_io import check_writable, read_wav, write_wav
     from knotd.agent.local_session import converse
 
-    boot = Bootstrap(settings, demo=True)
+    # Everything the user gave is checked before the models load: one line, exit 2, never a hang.
     clips_paths = [audio] if isinstance(audio, Path) else list(audio or []) or bundled_requests()
     clips = []
     for path in clips_paths:
         try:
             clips.append(read_wav(path))
-        except (OSError, ValueError, EOFError) as err:
-            raise DemoError(f"cannot read {path}: {err}") from None
+        except OSError as err:
+            raise DemoError(f"cannot read {path}: {err.strerror or type(err).__name__}") from None
+        except ValueError as err:
+            raise DemoError(f"cannot use {path}: {err}") from None
+    try:
+        check_writable(out)
+    except OSError as err:
+        raise DemoError(f"cannot write the reply to {out}: {err.strerror or type(err).__name__}") from None
+
+    boot = Bootstrap(settings, demo=True)
 
     facts = Facts(demo=True)
     boot.apply(facts)

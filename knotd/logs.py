@@ -10,29 +10,51 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import structlog
+import structlog.tracebacks
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 REDACTED = "[redacted]"
 
 
+# A secret cut short (a repr shortened to 80 characters shows ``'sk-proj-A1b2…'+88``) still starts with this
+# many of its characters; shorter secrets are matched whole.
+PREFIX_CHARS = 8
+# Credentials that are not configured secrets but derive from them: bearer tokens and JWTs (LiveKit join tokens).
+_TOKENS = re.compile(
+    r"(?i:(?<=bearer )|(?<=bearer%20))[A-Za-z0-9._~+/=-]{8,}"
+    r"|eyJ[A-Za-z0-9_-]{6,}\.[A-Za-z0-9_-]{6,}(?:\.[A-Za-z0-9_-]*)?"
+)
+
+
 class SecretRedactor:
-    """Processor that replaces each secret value (and nothing else) wherever it appears in the event."""
+    """Processor that replaces each secret value, any prefix of one that is at least ``PREFIX_CHARS`` long, and
+    bearer tokens and JWTs wherever they appear in the event."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         # Longest first, so a secret that contains another is replaced whole.
         self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
 
+    def _scrub_text(self, value: str) -> str:
+        for secret in self._secrets:
+            head = secret[:PREFIX_CHARS]
+            start = value.find(head)
+            while start != -1:
+                end = start + len(head)
+                while end < len(value) and end - start < len(secret) and value[end] == secret[end - start]:
+                    end += 1  # as much of the secret as is there
+                value = value[:start] + REDACTED + value[end:]
+                start = value.find(head, start + len(REDACTED))
+        return _TOKENS.sub(REDACTED, value)
+
     def _scrub(self, value: Any) -> Any:
         if isinstance(value, str):
-            for secret in self._secrets:
-                if secret in value:
-                    value = value.replace(secret, REDACTED)
-            return value
+            return self._scrub_text(value)
         if isinstance(value, Mapping):
             return {k: self._scrub(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
@@ -42,8 +64,6 @@ class SecretRedactor:
         return self._scrub(str(value))
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        if not self._secrets:
-            return event_dict
         return {k: self._scrub(v) for k, v in event_dict.items()}
 
 
@@ -69,11 +89,14 @@ def configure(level: str = "info", fmt: str = "auto", secrets: Iterable[str] = (
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any
+    # Tracebacks never show local variables: they hold keys, tokens and request headers, cut to a length
+    # that no redactor can recognise reliably.
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
-        exc = structlog.processors.dict_tracebacks
+        exc = structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        renderer = structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
         exc = structlog.processors.format_exc_info
     structlog.configure(
         processors=[

@@ -28,8 +28,8 @@ STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1.0, 2.5,
 TURN_COMPONENTS = ("eou", "stt", "llm_ttft", "tts_ttfb", "e2e")
 GUARD_DIRECTIONS = ("input", "output")
 TASK_OUTCOMES = ("ok", "failed", "cancelled")
-SESSION_OUTCOMES = ("completed", "disconnected", "error", "drained", "interrupted")
-SPECULATIVE_RESULTS = ("used", "discarded")
+SESSION_OUTCOMES = ("completed", "disconnected", "error", "drained", "interrupted", "crashed")
+SPECULATIVE_RESULTS = ("used", "discarded", "skipped")
 STT_DROP_REASONS = ("echo", "no_speech", "repetition")
 
 STAGE_DURATION = Histogram(
@@ -47,7 +47,7 @@ TURN_LATENCY = Histogram(
 STT_SPECULATIVE = Counter(
     "knotd_stt_speculative_total",
     "Transcriptions started at the user's first pause before the turn ended: used as the turn's transcript, "
-    "or discarded because the user went on speaking.",
+    "discarded because the user went on speaking, or skipped because a discarded one was still running.",
     ["result"],
 )
 STT_DROPPED = Counter(
@@ -90,6 +90,11 @@ LLM_FAILURES = Counter(
     "knotd_llm_failures_total",
     "LLM requests that failed and were answered with the fallback line, by reason.",
     ["reason"],
+)
+RECORD_WRITE_FAILURES = Counter(
+    "knotd_session_record_write_failures_total",
+    "Session records that could not be appended to sessions.jsonl (state directory full or read-only); they "
+    "wait in memory and are written with the next record that succeeds.",
 )
 READY = Gauge("knotd_ready", "1 when knotd is ready to take sessions (the same as /readyz answering 200).")
 WORKER_REGISTERED = Gauge("knotd_worker_registered", "1 while the LiveKit worker is registered with the server.")

@@ -55,6 +55,8 @@ class DaemonState(SessionObserver):
     failures: collections.deque[TaskFailure] = field(default_factory=lambda: collections.deque(maxlen=50))
     turns: collections.deque[TurnRecord] = field(default_factory=lambda: collections.deque(maxlen=100))
     guardrail_hits: collections.Counter[str] = field(default_factory=collections.Counter)
+    journal_problem: str | None = None  # sessions.jsonl cannot be written: path and error
+    journal_pending: int = 0
     version: int = 0
 
     def __post_init__(self) -> None:
@@ -173,6 +175,12 @@ class DaemonState(SessionObserver):
                 info.task_failures += 1
             self._touch()
 
+    def journal_status(self, problem: str | None, pending: int) -> None:
+        """The sessions journal cannot write (``problem``: path and error) or writes again (None)."""
+        with self._lock:
+            self.journal_problem, self.journal_pending = problem, pending
+            self._touch()
+
     # -- views --------------------------------------------------------------------------------------
     def snapshot(self) -> StatusSnapshot:
         """A typed view for the status server. Holds no secrets by construction."""
@@ -199,4 +207,6 @@ class DaemonState(SessionObserver):
                 guardrail_hits=dict(self.guardrail_hits),
                 task_failures=tuple(self.failures)[::-1][:20],
                 stages=tuple(stages.recent(40)),
+                journal_problem=self.journal_problem,
+                journal_pending=self.journal_pending,
             )

@@ -146,3 +146,29 @@ def test_bridge_in_a_job_thread_loop_while_main_thread_reads_metrics():
         thread.join(0.001)
     assert results["drain"].completed == 50
     assert count("job_thread", "ok") == before + 50
+
+
+async def test_an_exception_storm_is_counted_whole_logged_rarely_and_the_session_goes_on():
+    """500 failures from one handler as fast as the loop runs them (hundreds per second and more)."""
+    emitter = rtc.EventEmitter()
+    bridge = TaskBridge("storm", on_failure=lambda failure: None)
+    before = count("storm", "failed")
+    survived = asyncio.Event()
+
+    async def on_storm(n):
+        if n == "last":
+            survived.set()
+            return
+        raise ValueError("bad frame")
+
+    bridge.on(emitter, "frame", on_storm, name="storm")
+    with capture_logs() as logs:
+        for n in range(500):
+            emitter.emit("frame", n)
+        await asyncio.sleep(0)
+        emitter.emit("frame", "last")
+        await asyncio.wait_for(survived.wait(), 10)
+        await bridge.drain(5)
+    assert count("storm", "failed") == before + 500 and bridge.failures == 500
+    assert len([e for e in logs if e["event"] == "bridge_task_failed"]) == 1
+    assert inflight("storm") == 0 and bridge.inflight == 0

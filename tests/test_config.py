@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -119,3 +121,123 @@ def test_help_explains_each_subcommand():
         assert command in out
     version = subprocess.run([sys.executable, "-m", "knotd", "--version"], capture_output=True, text=True)
     assert version.stdout.strip().startswith("knotd 0.")
+
+
+# -- check-config: hostile inputs and configs that would fail only at run time --------------------------------
+def _model(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir(parents=True, exist_ok=True)
+    for name in ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt"):
+        (model / name).write_text("x")
+    return model
+
+
+def _check_config(path, capsys) -> tuple[int, str, str]:
+    from knotd.cli import main
+
+    code = main(["check-config", "--offline", "--config", str(path)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _config(tmp_path, extra: str = "", *, state: str | None = None) -> str:
+    state = state or str(tmp_path / "state")
+    return (f'[stt]\nmodel = "{_model(tmp_path)}"\n[session]\nstate_dir = "{state}"\n'
+            f'[status]\nlisten = "127.0.0.1:0"\n{extra}')
+
+
+def _hostile_config_paths(tmp_path):
+    loop = tmp_path / "loop.toml"
+    loop.symlink_to(loop)
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    (tmp_path / "plain").write_text("")
+    nested = tmp_path / "nested.toml"
+    nested.write_text("x = " + "[" * 50000 + "]" * 50000 + "\n")
+    huge = tmp_path / "huge.toml"
+    huge.write_text("# " + "x" * (2 << 20) + "\n")
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\x7fELF\xff\xfe\x00" * 100)
+    return {
+        "symlink loop": (loop, "Too many levels of symbolic links"),
+        "FIFO": (fifo, "not a regular file"),
+        "/dev/zero": ("/dev/zero", "not a regular file"),
+        "ENOTDIR": (tmp_path / "plain" / "knotd.toml", "Not a directory"),
+        "name too long": (tmp_path / ("a" * 300 + ".toml"), "File name too long"),
+        "nested arrays": (nested, "nested too deeply"),
+        "2 MiB": (huge, "larger than 1024 KiB"),
+        "binary": (binary, "not UTF-8 text"),
+    }
+
+
+@pytest.mark.timeout(60)
+def test_check_config_answers_hostile_files_in_one_line_without_hanging(tmp_path, capsys):
+    for name, (path, reason) in _hostile_config_paths(tmp_path).items():
+        code, out, err = _check_config(path, capsys)
+        assert code == 2, name
+        assert err.count("\n") == 1 and reason in err, (name, err)
+        assert "Traceback" not in err and out == ""
+
+
+@pytest.mark.timeout(60)
+def test_check_config_refuses_what_would_fail_at_run_time(tmp_path, capsys):
+    garbage = tmp_path / "garbage.toml"
+    garbage.write_text("this is [not toml\n")
+    fifo_model = _model(tmp_path / "m2")
+    (fifo_model / "model.bin").unlink()
+    os.mkfifo(fifo_model / "model.bin")
+    cases = {
+        "listen with a space": ('[status]\nlisten = "foo bar:9464"\n', "status.listen"),
+        "listen on a foreign address": ('', "cannot listen on 192.0.2.1:9464"),
+        "garbage rules": (f'[guardrails]\nrules = "{garbage}"\n', "guardrails.rules"),
+        "garbage phases": (f'[session]\nphases = "{garbage}"\n', "session.phases"),
+        "credentials in llm.base_url": ('[llm]\nbase_url = "https://bob:hunter2-pw@llm.example.com/v1"\nmodel = "m"\n',
+                                        "credentials in the URL are not allowed"),
+        "a key in a query": ('[llm]\nbase_url = "https://llm.example.com/v1?api_key=hunter2-pw"\nmodel = "m"\n',
+                             "credentials in the URL are not allowed"),
+        "a model file that is a FIFO": (f'[stt]\nmodel = "{fifo_model}"\n', "missing model.bin"),
+    }
+    for name, (extra, expected) in cases.items():
+        text = _config(tmp_path, "")
+        if name == "listen on a foreign address":
+            text = text.replace("127.0.0.1:0", "192.0.2.1:9464")
+        path = tmp_path / "case.toml"
+        # later tables of the same name would be a TOML error: merge by writing the case's table first
+        path.write_text(_merge(extra, text))
+        code, out, err = _check_config(path, capsys)
+        assert code == 2 and expected in err, (name, err)
+        assert "hunter2" not in err + out and "Traceback" not in err
+
+
+def _merge(first: str, second: str) -> str:
+    """Two TOML snippets as one file, keys of a table named in both merged into its first occurrence."""
+    import tomllib
+
+    merged = tomllib.loads(second)
+    try:
+        for table, values in tomllib.loads(first).items():
+            merged.setdefault(table, {}).update(values)
+    except tomllib.TOMLDecodeError:
+        return first + second
+    return "".join(f"[{t}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in vals.items())
+                   for t, vals in merged.items())
+
+
+def test_check_config_checks_the_state_directory_and_passes_a_good_config(tmp_path, capsys):
+    path = tmp_path / "ok.toml"
+    path.write_text(_config(tmp_path))
+    code, out, err = _check_config(path, capsys)
+    assert code == 0 and "config OK" in err, err
+    (tmp_path / "plain").write_text("")
+    path.write_text(_config(tmp_path, state=str(tmp_path / "plain" / "state")))
+    code, out, err = _check_config(path, capsys)
+    assert code == 2 and "session.state_dir" in err and "Not a directory" in err, err
+
+
+def test_status_allowed_hosts_are_host_names(tmp_path):
+    path = write(tmp_path, GOOD.replace('listen = "127.0.0.1:9464"',
+                                        'listen = "0.0.0.0:9464"\nallowed_hosts = ["knotd-vm1", "knotd.example.org"]'))
+    assert load_settings(path, ENV).status.allowed_hosts == ("knotd-vm1", "knotd.example.org")
+    path.write_text(GOOD.replace('listen = "127.0.0.1:9464"', 'allowed_hosts = ["evil host/"]'))
+    with pytest.raises(ConfigError, match="status.allowed_hosts.*not a host name"):
+        load_settings(path, ENV)

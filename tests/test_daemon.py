@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 from livekit.protocol import agent
 
 from knotd.journal import read_records
-from tests.conftest import API_SECRET, free_port
+from tests.conftest import API_KEY, API_SECRET, free_port
 
 pytestmark = pytest.mark.models
 
@@ -232,6 +234,67 @@ async def test_a_session_whose_room_never_answers_ends_and_frees_its_slot(standi
     assert status["sessions"] == []
     _, metrics = await daemon.get("/metrics")
     assert 'knotd_stage_duration_seconds_count{stage="session_start",status="error"} 1.0' in metrics
+
+
+async def test_a_session_killed_with_its_daemon_is_recorded_as_crashed_at_the_next_start(
+        standin, start_daemon, notify_socket, tmp_path, model_dir):
+    """1. A session runs (its room never answers). 2. kill -9 of knotd. 3. knotd starts again (systemd's
+    Restart=on-failure does this in the package; here the test does).
+
+    Result: sessions.jsonl gets the killed session's record with outcome "crashed" at the second start.
+    """
+    daemon = await start_daemon(standin.url, session="start_timeout_s = 120")
+    await notify_socket.wait_for("READY", timeout=120)
+    async with _black_hole() as url:
+        job = await standin.dispatch_job("killed-room", url=url)
+        assert job.accepted
+        await _wait_sessions(daemon, 1)
+        daemon.signal(signal.SIGKILL)
+        assert await daemon.wait_exit(timeout=30) == -signal.SIGKILL
+    state = tmp_path / "state"
+    assert read_records(state) == []
+
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET}
+    with open(tmp_path / "restarted.log", "wb") as log_file:
+        again = subprocess.Popen([sys.executable, "-m", "knotd", "run", "--config", str(daemon.config_path)],
+                                 stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
+    try:
+        deadline = time.monotonic() + 120
+        while not read_records(state) and again.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        records = read_records(state)
+        assert [(r["session_id"], r["room"], r["outcome"]) for r in records] == [
+            (job.job_id, "killed-room", "crashed")], (tmp_path / "restarted.log").read_text()[-3000:]
+        assert not list((state / "open").glob("*.json"))
+    finally:
+        again.send_signal(signal.SIGTERM)
+        try:
+            again.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            again.kill()
+
+
+async def test_a_corrupt_model_file_fails_the_start_with_exit_3(tmp_path, model_dir):
+    """The Whisper model directory replaced by a corrupt file between two starts: `knotd run` stops with one
+    line naming the model and exit 3 (the unit's RestartPreventExitStatus=, so no restart loop)."""
+    broken = tmp_path / "model"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.bin").write_bytes(os.urandom(4096))
+    config = tmp_path / "knotd.toml"
+    config.write_text(f'[livekit]\nurl = "ws://127.0.0.1:{free_port()}"\n[stt]\nmodel = "{broken}"\n'
+                      f'[session]\nstate_dir = "{tmp_path / "state"}"\n[status]\nlisten = "127.0.0.1:{free_port()}"\n'
+                      '[log]\nformat = "json"\n')
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "knotd", "run", "--config", str(config), env=env, cwd=str(tmp_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 180)
+    lines = err.decode().splitlines()
+    assert proc.returncode == 3, lines[-5:]
+    assert lines[-1].startswith("knotd: cannot load the whisper model from ") and str(broken) in lines[-1]
+    assert "Traceback" not in err.decode()
 
 
 async def test_livekit_knows_the_worker_has_room_when_ready_is_sent(standin, start_daemon, notify_socket):

@@ -127,3 +127,36 @@ async def test_whisper_understands_what_espeak_says():
 
     assert contains_words(event.alternatives[0].text, ("hallo", "knotencheck", "starten"))
 
+
+
+def _wrapper(tmp_path, body: str) -> str:
+    """An executable that runs the real espeak-ng inside ``body`` (``$ESPEAK "$@"``)."""
+    script = tmp_path / "espeak-wrapper"
+    script.write_text(f"#!/bin/sh\nESPEAK={shutil.which('espeak-ng')}\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+@needs_espeak
+async def test_espeak_gets_no_secrets_from_knotds_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIVEKIT_API_SECRET", "a-secret-that-must-stay-home")
+    monkeypatch.setenv("KNOTD_LLM_API_KEY", "sk-proj-stay-home-too")
+    env_file = tmp_path / "env.txt"
+    engine = EspeakTTS(TtsSettings(), executable=_wrapper(tmp_path, f'env > {env_file}\nexec "$ESPEAK" "$@"'))
+
+    frame = await synthesize(engine, REPLY)
+
+    assert rms(frame) > 500  # the real espeak-ng spoke
+    seen = env_file.read_text()
+    assert "stay-home" not in seen and "LIVEKIT" not in seen and "KNOTD" not in seen
+    assert "PATH=/usr/local/bin:/usr/bin:/bin" in seen
+
+
+@needs_espeak
+async def test_espeak_crashing_mid_sentence_is_an_api_error_not_a_hang(tmp_path):
+    """espeak-ng killed after part of the audio: the stream ends with livekit's APIError (the session's TTS
+    error path), never a hang or a half-read pipe."""
+    engine = EspeakTTS(TtsSettings(), executable=_wrapper(tmp_path, '"$ESPEAK" "$@" | head -c 20000\nkill -SEGV $$'))
+
+    with pytest.raises(APIError, match="espeak-ng failed"):
+        await synthesize(engine, REPLY)

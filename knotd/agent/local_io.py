@@ -9,6 +9,10 @@ duration), so livekit's turn timing and ``e2e_latency`` mean the same as in a ro
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
+import stat
+import struct
 import time
 import wave
 from dataclasses import dataclass, field
@@ -21,17 +25,58 @@ from livekit.agents.voice import io
 FRAME_MS = 20
 
 
+# A request clip longer than this is a mistake (or a file that is not what it says).
+MAX_CLIP_S = 120.0
+
+
 def read_wav(path: Path) -> rtc.AudioFrame:
-    """A mono/stereo 16-bit PCM WAV file as one frame (raises ValueError for other formats)."""
-    with wave.open(str(path), "rb") as wav:
-        if wav.getsampwidth() != 2:
-            raise ValueError(f"{path}: expected 16-bit PCM, got {8 * wav.getsampwidth()}-bit")
-        rate, channels = wav.getframerate(), wav.getnchannels()
-        data = wav.readframes(wav.getnframes())
-    samples = np.frombuffer(data, dtype=np.int16)
+    """A mono/stereo 16-bit PCM WAV file of 0.1–120 s as one frame.
+
+    Raises:
+        ValueError: not a WAV, not 16-bit PCM, no channels, no or too much audio (a one-line reason).
+        OSError: cannot be read (FIFOs and devices are refused, not read).
+    """
+    with open(path, "rb", opener=_open_regular) as f:
+        try:
+            with wave.open(f, "rb") as wav:
+                width, rate, channels, frames = (wav.getsampwidth(), wav.getframerate(), wav.getnchannels(),
+                                                 wav.getnframes())
+                if width != 2:
+                    raise ValueError(f"expected 16-bit PCM, got {8 * width}-bit")
+                if channels < 1 or not 8000 <= rate <= 192000:
+                    raise ValueError(f"{channels} channels at {rate} Hz is not audio knotd can use")
+                if frames < rate // 10:
+                    raise ValueError(f"{frames} frames: less than 0.1 s of audio")
+                if frames > MAX_CLIP_S * rate:
+                    raise ValueError(f"{frames / rate:.0f} s of audio: longer than {MAX_CLIP_S:.0f} s")
+                data = wav.readframes(frames)
+        except (wave.Error, EOFError, struct.error) as err:
+            raise ValueError(f"not a 16-bit PCM WAV file ({err or type(err).__name__})") from None
+    samples = np.frombuffer(data[: len(data) - len(data) % (2 * channels)], dtype=np.int16)
     if channels > 1:
         samples = samples.reshape(-1, channels).mean(axis=1).astype(np.int16)
+    if samples.size == 0:
+        raise ValueError("the file holds no audio samples")
     return rtc.AudioFrame(samples.tobytes(), rate, 1, len(samples))
+
+
+def _open_regular(path: str, flags: int) -> int:
+    fd = os.open(path, flags | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
+
+
+def check_writable(path: Path) -> None:
+    """Raise OSError unless ``path`` can be created or overwritten (checked before a session, not after)."""
+    if path.is_dir():
+        raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+    existed = path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    os.close(fd)
+    if not existed:
+        path.unlink()
 
 
 def write_wav(path: Path, frames: list[rtc.AudioFrame]) -> float:

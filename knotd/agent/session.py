@@ -61,6 +61,10 @@ class AgentResources:
         return cls(settings, models, guardrail, script)
 
 
+# Said before the answer when the caller spoke longer than stt.max_utterance_s without a pause.
+UTTERANCE_CAPPED_LINE = "Das war sehr lang, ich habe nur den Anfang verstanden. Bitte sagen Sie es kürzer."
+
+
 class KnotencheckAgent(Agent):
     """The agent: input guard before the LLM sees a transcript, output guard before TTS and transcript.
 
@@ -72,10 +76,12 @@ class KnotencheckAgent(Agent):
     """
 
     def __init__(self, instructions: str, guard: SessionGuard, machine: PhaseMachine, *,
-                 on_hit: Callable[[str, Verdict], None] | None = None) -> None:
+                 on_hit: Callable[[str, Verdict], None] | None = None,
+                 utterance_capped: Callable[[], bool] = lambda: False) -> None:
         super().__init__(instructions=instructions)
         self.guard, self.machine = guard, machine
         self._on_hit = on_hit
+        self._utterance_capped = utterance_capped
         self._input_checked: set[str] = set()
         self._blocked: set[str] = set()
 
@@ -84,6 +90,8 @@ class KnotencheckAgent(Agent):
         self.session.generate_reply()
 
     async def on_user_turn_completed(self, turn_ctx: llm.ChatContext, new_message: llm.ChatMessage) -> None:
+        if self._utterance_capped():
+            self.session.say(UTTERANCE_CAPPED_LINE, add_to_chat_ctx=False)
         verdict = self.check_input(new_message)
         if verdict.allowed:
             return
@@ -203,7 +211,8 @@ class KnotencheckSession:
             aec_warmup_duration=None,
             user_away_timeout=None,
         )
-        self.agent = KnotencheckAgent(resources.script.instructions, self.guard, self.machine, on_hit=self._log_hit)
+        self.agent = KnotencheckAgent(resources.script.instructions, self.guard, self.machine, on_hit=self._log_hit,
+                                      utterance_capped=stt.take_capped)
         observer.session_started(session_id, room_name, self.machine.current)
         self._register_handlers()
 

@@ -33,6 +33,7 @@ import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,10 @@ __all__ = ["STOCK_WINDOW_S", "WINDOW_BUCKETS_S", "SpeculativeStream", "Transcrip
            "WhisperTranscriber", "frame_to_whisper_input", "speculative_vad"]
 
 log = structlog.get_logger(__name__)
+
+# Transcriptions run here, not in the loop's default executor, so a stream can see when a thread is really
+# done (an asyncio task cancelled mid-transcription is done at once; its thread is not).
+_EXECUTOR = ThreadPoolExecutor(max_workers=8, thread_name_prefix="knotd_stt")
 
 # Silero's inference window at 16 kHz; a flush is due once the VAD has run over all but this much audio.
 _VAD_WINDOW_S = 512 / 16000
@@ -117,6 +122,8 @@ class WhisperSTT(stt.STT):
             manual_flush=self._spec_vad is not None,
         ))
         self._transcriber = WhisperTranscriber(model, settings)
+        self._max_utterance_s = settings.max_utterance_s
+        self._capped = 0  # utterances cut at max_utterance_s since take_capped() last asked
         self._model_name = model_name or settings.model.rstrip("/").rsplit("/", 1)[-1]
 
     @property
@@ -136,6 +143,11 @@ class WhisperSTT(stt.STT):
         """Whether `stream()` transcribes speculatively (else livekit's StreamAdapter cuts utterances)."""
         return self._spec_vad is not None
 
+    def take_capped(self) -> bool:
+        """Whether an utterance was cut at `stt.max_utterance_s` since the last call (the agent says so)."""
+        capped, self._capped = self._capped, 0
+        return capped > 0
+
     def transcribe_pcm(self, pcm: np.ndarray, *, language: str | None = None,
                        prompt: str | None = None) -> Transcript:
         """Transcribe 16 kHz mono float32 audio (blocking); see `WhisperTranscriber.transcribe_pcm`."""
@@ -150,6 +162,7 @@ class WhisperSTT(stt.STT):
         if self._spec_vad is None:
             return super().stream(language=language, conn_options=conn_options)  # raises NotImplementedError
         return SpeculativeStream(self, self._spec_vad, release_silence_s=self._release_silence_s,
+                                 max_utterance_s=self._max_utterance_s,
                                  language=language if utils.is_given(language) else None,
                                  conn_options=conn_options)
 
@@ -170,17 +183,24 @@ class WhisperSTT(stt.STT):
         )
 
     async def transcribe_frames(self, frames: list[rtc.AudioFrame], language: str | None,
-                                prompt: str | None = None) -> Transcript:
+                                prompt: str | None = None, *,
+                                submitted: Callable[[Future[Transcript]], None] | None = None) -> Transcript:
         """Transcribe audio frames off the event loop, with `prompt` as the recognition context.
+
+        Args:
+            submitted: given the thread's future once the work is queued (cancelling this coroutine cancels
+                it only if it has not started).
 
         Raises:
             APIError: CTranslate2 or numpy failed (not retryable).
         """
         if not frames:
             return Transcript("", language or self._transcriber.settings.language, 0, prompt)
+        work = _EXECUTOR.submit(self._recognize_blocking, rtc.combine_audio_frames(frames), language, prompt)
+        if submitted is not None:
+            submitted(work)
         try:
-            result = await asyncio.to_thread(self._recognize_blocking, rtc.combine_audio_frames(frames), language,
-                                             prompt)
+            result = await asyncio.wrap_future(work)
         except (RuntimeError, ValueError) as err:  # CTranslate2 and numpy failures
             raise APIError(f"whisper transcription failed: {type(err).__name__}: {err}",
                            retryable=False) from err
@@ -213,14 +233,20 @@ class SpeculativeStream(stt.RecognizeStream):
     when our VAD has seen `release_silence_s` of silence. Until then a transcript started at a pause is
     held; if the user speaks again first it is dropped and the utterance goes on. A flush while our VAD
     still hears speech (a manual commit) transcribes what there is at once.
+
+    One caller cannot exhaust the machine: an utterance that reaches `max_utterance_s` is transcribed and
+    handed over as it is, and the rest of that stretch of speech is not heard (the agent says so); at most one
+    speculative transcription runs at a time (a pause while a dropped one still runs starts none), and a
+    dropped one is cancelled if it has not reached the model yet.
     """
 
     def __init__(self, owner: WhisperSTT, spec_vad: lk_vad.VAD, *, release_silence_s: float,
-                 language: str | None, conn_options: APIConnectOptions) -> None:
+                 max_utterance_s: float, language: str | None, conn_options: APIConnectOptions) -> None:
         super().__init__(stt=owner, conn_options=conn_options)
         self._owner = owner
         self._vad = spec_vad
         self._release_silence_s = release_silence_s
+        self._max_utterance_s = max_utterance_s
         self._language = language
         self._reset()
 
@@ -233,6 +259,11 @@ class SpeculativeStream(stt.RecognizeStream):
         self._processed = 0  # input samples our VAD has run over
         self._flushes: deque[int] = deque()  # self._pushed at each flush, waiting for the VAD to catch up
         self._flush_slack = 0
+        self._utterance_s = 0.0
+        self._capped = False  # the utterance passed max_utterance_s: nothing is transcribed until the turn ends
+        self._spec_threads = 0  # speculative transcriptions whose thread has not finished
+        self._waiting_end: float | None = None  # a pause that waits for the running speculative thread
+        self._silence_s = 0.0  # our VAD's silence so far, as of its last inference
 
     async def _run(self) -> None:
         self._reset()
@@ -283,35 +314,75 @@ class SpeculativeStream(stt.RecognizeStream):
         self._released.put_nowait(None)
 
     def _on_inference(self, ev: lk_vad.VADEvent) -> None:
-        if self._utterance is not None:
+        if self._utterance is not None and not self._capped:
             self._utterance.extend(ev.frames)
+            self._utterance_s += sum(f.duration for f in ev.frames)
+            if self._utterance_s >= self._max_utterance_s and self._speaking:
+                self._cap()
         self._processed += sum(f.samples_per_channel for f in ev.frames)
+        self._silence_s = ev.raw_accumulated_silence
+        if self._capped and self._silence_s >= self._release_silence_s:
+            self._capped = False  # the turn is over: the caller is heard again
         if self._held is not None and ev.raw_accumulated_silence >= self._release_silence_s:
             self._release()
         self._check_flushes()
 
     def _on_speech_started(self, ev: lk_vad.VADEvent) -> None:
         self._speaking = True
+        self._waiting_end = None  # that pause is over
+        if self._capped:
+            return
         if self._utterance is None:
             self._utterance = list(ev.frames)  # Silero's prefix padding and the speech so far
+            self._utterance_s = sum(f.duration for f in ev.frames)
             self._event_ch.send_nowait(stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH))
         elif self._held is not None:
             # The user went on before the session's VAD ended the turn: the early transcript would miss
             # the rest. The utterance's audio (with the pause) keeps growing and is transcribed whole.
+            self._held.task.cancel()  # frees the thread if it has not started; a running one finishes unread
             _forget(self._held)
             self._held = None
             metrics.STT_SPECULATIVE.labels(result="discarded").inc()
 
+    def _cap(self) -> None:
+        """The utterance is as long as allowed: hand over what there is; the rest of the turn is not transcribed
+    (until the session ends the turn or a pause as long as its VAD needs)."""
+        log.warning("stt_utterance_capped", max_utterance_s=self._max_utterance_s)
+        self._owner._capped += 1
+        if self._held is None and self._utterance:
+            self._held = self._transcribe(self._utterance, time.time(), speculative=False)
+        if self._held is not None:
+            self._release()
+        self._capped = True
+        self._utterance = None
+
     def _on_speech_ended(self, ev: lk_vad.VADEvent) -> None:
         self._speaking = False
-        if self._utterance and self._held is None:
-            speech_end = time.time() - ev.silence_duration - ev.inference_duration
+        speech_end = time.time() - ev.silence_duration - ev.inference_duration
+        if self._spec_threads:
+            # One speculative run at a time: this pause's starts when the running one's thread is done.
+            metrics.STT_SPECULATIVE.labels(result="skipped").inc()
+            self._waiting_end = speech_end
+            return
+        self._start_speculative(speech_end)
+
+    def _start_speculative(self, speech_end: float) -> None:
+        self._waiting_end = None
+        if self._utterance and self._held is None and not self._speaking:
             self._held = self._transcribe(list(self._utterance), speech_end, speculative=True)
+            if self._silence_s >= self._release_silence_s:  # started late: the pause is long enough already
+                self._release()
+
+    def _speculative_thread_done(self) -> None:
+        self._spec_threads -= 1
+        if not self._spec_threads and self._waiting_end is not None:
+            self._start_speculative(self._waiting_end)
 
     def _check_flushes(self) -> None:
         while self._flushes and self._processed + self._flush_slack >= self._flushes[0]:
             self._flushes.popleft()
-            if self._held is None and self._utterance and self._speaking:
+            self._capped = False  # the session ended the turn
+            if self._held is None and self._utterance:
                 self._held = self._transcribe(list(self._utterance), time.time(), speculative=False)
             if self._held is not None:
                 self._release()
@@ -322,12 +393,23 @@ class SpeculativeStream(stt.RecognizeStream):
         if held.speculative:
             metrics.STT_SPECULATIVE.labels(result="used").inc()
         # Still speaking (a flush mid-speech): what follows is a new utterance.
+        self._waiting_end = None
         self._utterance = [] if self._speaking else None
+        self._utterance_s = 0.0
         self._released.put_nowait(held)
 
     def _transcribe(self, frames: list[rtc.AudioFrame], speech_end_time: float, *,
                     speculative: bool) -> _Transcription:
-        task = asyncio.create_task(self._owner.transcribe_frames(frames, self._language, self._owner.current_prompt()),
+        submitted = None
+        if speculative:
+            loop = asyncio.get_running_loop()
+
+            def submitted(work: Future[Transcript]) -> None:
+                self._spec_threads += 1
+                work.add_done_callback(lambda _w: _call_soon(loop, self._speculative_thread_done))
+
+        task = asyncio.create_task(self._owner.transcribe_frames(frames, self._language, self._owner.current_prompt(),
+                                                                    submitted=submitted),
                                    name="knotd_stt_transcribe")
         return _Transcription(task, sum(f.duration for f in frames), speech_end_time, speculative)
 
@@ -345,6 +427,13 @@ class SpeculativeStream(stt.RecognizeStream):
             self._event_ch.send_nowait(stt.SpeechEvent(
                 type=stt.SpeechEventType.RECOGNITION_USAGE, request_id=request_id,
                 recognition_usage=stt.RecognitionUsage(audio_duration=item.audio_s)))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        pass  # the session's loop is closed: nobody is waiting any more
 
 
 def _forget(transcription: _Transcription) -> None:

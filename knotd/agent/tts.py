@@ -10,6 +10,7 @@ This module does not decide what is said (LLM and guardrails do) and keeps no au
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import struct
 import subprocess
@@ -142,7 +143,7 @@ class _EspeakStream(tts.ChunkedStream):
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self._espeak.command(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
+                stderr=asyncio.subprocess.PIPE, env=child_environment())
         except OSError as err:
             raise APIError(f"cannot run {self._espeak.executable}: {err.strerror or err} "
                            "(install the espeak-ng package)", retryable=False) from None
@@ -245,13 +246,26 @@ def build_tts(settings: TtsSettings) -> tts.TTS:
         raise ModelError(f"unknown TTS engine {settings.engine!r} (use espeak, piper or openai)")
 
 
+# What a child process (espeak-ng) may see of knotd's environment; the secrets (LIVEKIT_API_SECRET, …) and
+# everything else stay behind.
+_CHILD_ENV_KEYS = ("LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "ESPEAK_DATA_PATH")
+_CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def child_environment() -> dict[str, str]:
+    """A minimal environment for child processes: a fixed PATH and the locale."""
+    env = {key: os.environ[key] for key in _CHILD_ENV_KEYS if key in os.environ}
+    env["PATH"] = _CHILD_PATH
+    return env
+
+
 def _build_espeak(settings: TtsSettings) -> EspeakTTS:
     executable = shutil.which(ESPEAK)
     if executable is None:
         raise ModelError("espeak-ng is not installed (apt install espeak-ng); it is the default TTS")
     # Speaking one letter quietly (-q) checks the voice now instead of at the first reply.
     probe = subprocess.run([executable, "-v", settings.voice, "-q", "--stdin"], input=b"a",
-                           capture_output=True, timeout=10, check=False)
+                           capture_output=True, timeout=10, check=False, env=child_environment())
     if probe.returncode != 0:
         raise ModelError(f"espeak-ng has no voice {settings.voice!r} (list them with `espeak-ng --voices`)")
     return EspeakTTS(settings, executable=executable)

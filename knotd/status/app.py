@@ -9,11 +9,16 @@ script and icon), ``/api/status`` (JSON), ``/metrics`` (Prometheus), ``/healthz`
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
+from collections.abc import Awaitable, Callable, Iterable
+from http import HTTPStatus
+from typing import Any
 
 import jinja2
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from knotd import metrics
 from knotd.config import ListenAddress
@@ -31,6 +36,11 @@ LOOP_MONITOR_KEY = web.AppKey("knotd.loop_monitor", "LoopMonitor")
 TEMPLATES_KEY = web.AppKey("knotd.templates", jinja2.Environment)
 HISTOGRAMS_KEY = web.AppKey("knotd.histograms", LatencyHistograms)
 STREAMS_KEY = web.AppKey("knotd.event_streams", EventStreams)
+HOSTS_KEY = web.AppKey("knotd.allowed_hosts", frozenset)
+
+# A connection that has not sent a whole request this long after connecting or after its last answer is
+# closed (idle keep-alive and slowloris headers alike). /events streams are busy, not idle: they stay.
+IDLE_TIMEOUT_S = 10.0
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -82,13 +92,18 @@ class LoopMonitor:
 
 def create_app(
     source: SnapshotSource, loop_monitor: LoopMonitor | None = None, *, histograms: LatencyHistograms | None = None,
+    allowed_hosts: Iterable[str] = (),
 ) -> web.Application:
     """The aiohttp application serving the status routes for ``source``'s snapshots.
 
     ``/events`` waits on ``source.wait_changed``, so it must wake the loop that serves the app
     (``DaemonState.bind_loop()``). ``histograms`` defaults to knotd's own stage and turn histograms.
+    ``allowed_hosts``: host names a request's ``Host`` may carry besides ``localhost`` and IP addresses
+    (the status address's own name, ``status.allowed_hosts``); any other gets 421, so a page on another site
+    whose name was rebound to this machine's address reads nothing.
     """
-    app = web.Application()
+    app = web.Application(middlewares=[_check_host])
+    app[HOSTS_KEY] = frozenset(h.lower() for h in allowed_hosts) | {"localhost"}
     app.on_response_prepare.append(_add_security_headers)
     app[SOURCE_KEY] = source
     app[LOOP_MONITOR_KEY] = loop_monitor or LoopMonitor()
@@ -104,6 +119,30 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app
+
+
+@web.middleware
+async def _check_host(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                      ) -> web.StreamResponse:
+    host = request.headers.get("Host")
+    if host is not None and not host_allowed(host, request.app[HOSTS_KEY]):
+        return web.Response(status=421, text="421 Misdirected Request: unknown Host\n")
+    return await handler(request)
+
+
+def host_allowed(host: str, names: frozenset[str]) -> bool:
+    """Whether a ``Host`` header names this server: an IP address (DNS rebinding needs a name) or a known name."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    name = name.rstrip(".")
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return name in names
 
 
 async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -164,15 +203,49 @@ class ListenError(KnotdError):
         super().__init__(f"cannot listen on {address}: {reason}")
 
 
+class _StatusRequestHandler(RequestHandler):
+    """aiohttp's connection handler, but its own error answers (a malformed request line, headers too long)
+    carry the security headers and a fixed text (aiohttp's repeats the client's bytes), and are logged at
+    debug level without a traceback: a hostile client must not fill the journal."""
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        log.debug("status_request_rejected", status=status, error=type(exc).__name__ if exc else None)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already sent")
+        try:
+            text = f"{status} {HTTPStatus(status).phrase}\n"
+        except ValueError:
+            text = f"{status}\n"
+        response = web.Response(status=status, text=text, headers=SECURITY_HEADERS)
+        response.force_close()
+        return response
+
+
+class _StatusServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _StatusRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _StatusRunner(web.AppRunner):
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _StatusServer  # the same server, making our handler per connection
+        return server
+
+
 async def start_status_server(
-    source: SnapshotSource, listen: ListenAddress, monitor: LoopMonitor | None = None
+    source: SnapshotSource, listen: ListenAddress, monitor: LoopMonitor | None = None, *,
+    allowed_hosts: Iterable[str] = (), idle_timeout_s: float = IDLE_TIMEOUT_S,
 ) -> web.AppRunner:
     """Serve ``create_app(source)`` on ``listen``; the caller owns the runner (``await runner.cleanup()``).
 
     Raises:
         ListenError: the address cannot be bound (in use, not local, no permission).
     """
-    runner = web.AppRunner(create_app(source, monitor), access_log=None, handle_signals=False)
+    hosts = {*allowed_hosts, listen.host}
+    runner = _StatusRunner(create_app(source, monitor, allowed_hosts=hosts), access_log=None,
+                           handle_signals=False, keepalive_timeout=idle_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,10 @@ HEARTBEAT_S = 15.0
 COALESCE_S = 0.5  # a turn changes several things at once; send them as one update
 RETRY_MS = 2000
 MAX_STREAMS = 32
+# A browser reads at once; a client whose buffers stay full this long is not reading and is dropped, so
+# non-readers cannot hold the MAX_STREAMS slots. Small buffers make a non-reader block (and go) soon.
+WRITE_TIMEOUT_S = 10.0
+WRITE_BUFFER_BYTES = 64 * 1024
 
 
 class EventStreams:
@@ -32,8 +37,11 @@ class EventStreams:
 
     def __init__(
         self, max_streams: int = MAX_STREAMS, heartbeat_s: float = HEARTBEAT_S, coalesce_s: float = COALESCE_S,
+        write_timeout_s: float = WRITE_TIMEOUT_S,
     ) -> None:
         self.max_streams, self.heartbeat_s, self.coalesce_s = max_streams, heartbeat_s, coalesce_s
+        self.write_timeout_s = write_timeout_s
+        self.dropped = 0  # streams ended because the client did not read
         self.open = 0
         self._closing = asyncio.Event()
         self._rendered: tuple[tuple[int, int], bytes] | None = None
@@ -84,16 +92,25 @@ async def stream_events(
         headers={"Content-Type": "text/event-stream; charset=utf-8", "X-Accel-Buffering": "no"},
     )
     await response.prepare(request)
+    if request.transport is not None:
+        request.transport.set_write_buffer_limits(high=WRITE_BUFFER_BYTES)
+        sock = request.transport.get_extra_info("socket")
+        if sock is not None:  # the kernel's buffer too, else it grows to megabytes before a write blocks
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, WRITE_BUFFER_BYTES)
     streams.open += 1
     closing = asyncio.ensure_future(streams.wait_closed())
+
+    async def write(data: bytes) -> None:
+        await asyncio.wait_for(response.write(data), streams.write_timeout_s)
+
     try:
-        await response.write(f"retry: {RETRY_MS}\n\n".encode())
+        await write(f"retry: {RETRY_MS}\n\n".encode())
         sent: tuple[int, int] | None = None
         while not closing.done():
             current = (state.version, unseen_changes())  # read before rendering: later changes are sent again
             if current != sent:
                 sent = current
-                await response.write(streams.render_once(current, render))
+                await write(streams.render_once(current, render))
                 await asyncio.wait({closing}, timeout=streams.coalesce_s)
                 continue
             change = asyncio.ensure_future(state.wait_changed(current[0], streams.heartbeat_s))
@@ -102,9 +119,13 @@ async def stream_events(
                 change.cancel()
                 await asyncio.wait({change})
             elif (state.version, unseen_changes()) == current:
-                await response.write(HEARTBEAT)
+                await write(HEARTBEAT)
     except ConnectionResetError:
         pass  # the browser went away; nothing to clean up beyond the finally
+    except TimeoutError:
+        streams.dropped += 1  # not reading: free the slot (aborting the transport ends aiohttp's side too)
+        if request.transport is not None:
+            request.transport.abort()
     finally:
         closing.cancel()
         streams.open -= 1

@@ -68,6 +68,10 @@ class StatusSnapshot:
     guardrail_hits: Mapping[str, int]  # "direction:rule" -> hits
     task_failures: tuple[TaskFailure, ...]  # newest first
     stages: tuple[StageRecord, ...]
+    # Session records that could not be written to sessions.jsonl (state directory full or read-only) and wait
+    # in memory, and the error; None when the journal is fine.
+    journal_problem: str | None = None
+    journal_pending: int = 0
 
     @property
     def is_demo(self) -> bool:
@@ -90,6 +94,7 @@ class StatusSnapshot:
             "finished_sessions": [_without_transcript(s.to_record()) for s in self.finished_sessions],
             "turns": [{"session_id": t.session_id, "at": t.at, "components": dict(t.components)} for t in self.turns],
             "guardrail_hits": dict(self.guardrail_hits),
+            "journal": {"problem": self.journal_problem, "pending_records": self.journal_pending},
             "task_failures": [asdict(f) for f in self.task_failures],
             "stages": [asdict(s) for s in self.stages],
         }

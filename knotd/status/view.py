@@ -70,6 +70,8 @@ class Headline:
     active_sessions: int
     max_sessions: int
     steps: tuple[Step, ...]
+    journal_problem: str | None = None
+    journal_pending: int = 0
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,8 @@ def _headline(snap: StatusSnapshot) -> Headline:
         active_sessions=len(snap.sessions),
         max_sessions=snap.max_sessions,
         steps=_steps(state, is_registered=snap.livekit.registered_since is not None, is_demo=snap.is_demo),
+        journal_problem=snap.journal_problem,
+        journal_pending=snap.journal_pending,
     )
 
 
