@@ -55,6 +55,8 @@ class DaemonState(SessionObserver):
     failures: collections.deque[TaskFailure] = field(default_factory=lambda: collections.deque(maxlen=50))
     turns: collections.deque[TurnRecord] = field(default_factory=lambda: collections.deque(maxlen=100))
     guardrail_hits: collections.Counter[str] = field(default_factory=collections.Counter)
+    turn_endings: collections.Counter[str] = field(default_factory=collections.Counter)
+    turn_cutoffs: collections.Counter[str] = field(default_factory=collections.Counter)
     version: int = 0
 
     def __post_init__(self) -> None:
@@ -155,6 +157,16 @@ class DaemonState(SessionObserver):
                 info.last_e2e_s = components.get("e2e")
             self._touch()
 
+    def turn_ended(self, session_id: str, how: str) -> None:
+        with self._lock:
+            self.turn_endings[how] += 1
+            self._touch()
+
+    def turn_cut_off(self, session_id: str, detection: str) -> None:
+        with self._lock:
+            self.turn_cutoffs[detection] += 1
+            self._touch()
+
     def guard_verdict(self, session_id: str, direction: str, verdict: Verdict) -> None:
         if verdict.allowed:
             return
@@ -199,4 +211,6 @@ class DaemonState(SessionObserver):
                 guardrail_hits=dict(self.guardrail_hits),
                 task_failures=tuple(self.failures)[::-1][:20],
                 stages=tuple(stages.recent(40)),
+                turn_endings=dict(self.turn_endings),
+                turn_cutoffs=dict(self.turn_cutoffs),
             )

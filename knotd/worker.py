@@ -33,8 +33,9 @@ def build_server(
             max_sessions (CPU may be high on a 2-core VM while Whisper runs: the default CPU-average load
             with its 0.7 threshold refused every job on such a VM), and 1.0 until the models are loaded.
     """
-    # knotd brings its own Silero VAD and uses VAD endpointing: livekit's local turn-detector weights
-    # (~244 MB) would be preloaded into this process for nothing.
+    # knotd loads the end-of-turn model itself, once, timed and self-tested (knotd.speech.turn_model), and
+    # brings its own Silero VAD: livekit's preload would load its local VAD for nothing and the end-of-turn
+    # weights outside knotd's model stage (and with detection = "vad", for nothing).
     os.environ.setdefault("LIVEKIT_AGENTS_PRELOAD_LOCAL_INFERENCE", "0")
     worker = settings.worker
     max_sessions = worker.max_sessions
