@@ -41,7 +41,7 @@ class Bootstrap:
     def __init__(self, settings: Settings, *, demo: bool = False, whisper: Future[Any] | None = None) -> None:
         from knotd.agent import register_plugins
 
-        register_plugins()  # main thread only; the models load in a thread
+        register_plugins(settings)  # main thread only; the models load in a thread
         self.settings = settings
         self.state = DaemonState(
             livekit_url="" if demo else settings.livekit.url,
