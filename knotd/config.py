@@ -112,11 +112,11 @@ class TurnSettings:
     detection: str = "model"
     # From the end of speech: how long to wait when the model says the speaker is done (and, with vad, at
     # least this long), and when it says they are not. Chosen with benchmarks/turns.py.
-    min_endpointing_delay_s: float = 0.5
-    max_endpointing_delay_s: float = 3.0
+    min_endpointing_delay_s: float = 0.3
+    max_endpointing_delay_s: float = 1.5
     # The model's probability at or above which the speaker is done; 0: its shipped threshold for the
-    # language (German 0.245).
-    model_threshold: float = 0.0
+    # language (German 0.245, which cut off a third of mid-sentence pauses in benchmarks/turns.py).
+    model_threshold: float = 0.35
 
 
 @dataclass(frozen=True)
