@@ -34,11 +34,13 @@ from knotd.errors import WorkerError
 from knotd.lifecycle import Facts, Lifecycle
 from knotd.stages import stage
 from knotd.systemd import Notifier, Ticker
-from knotd.worker import ConnectionWatch, build_server
+from knotd.worker import ConnectionWatch, FfiPanicWatch, announce_load, build_server
 
 log = structlog.get_logger(__name__)
 
 FORCED_EXIT_CODE = 130
+# The livekit rtc SDK's native core panicked: drain what still runs, then exit non-zero so systemd restarts.
+FFI_PANIC_EXIT_CODE = 1
 
 
 class Daemon:
@@ -57,9 +59,11 @@ class Daemon:
         self.ticker = Ticker(notifier)
         self._stop = asyncio.Event()
         self._signals = 0
+        self._exit_code = 0
         # Resolved (on the main loop) with the job entrypoint once the models are loaded; job threads wait on it.
         self._entrypoint: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._sent_ready = False
+        self._server: Any = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -68,10 +72,11 @@ class Daemon:
         self.ticker.start()
         runner: web.AppRunner | None = None
         try:
-            self._update()
-            models_task = asyncio.create_task(self._load_models(), name="knotd:models")
-            runner = await self.boot.start_status_server()
-            return await self._serve_worker(models_task)
+            with FfiPanicWatch(lambda: loop.call_soon_threadsafe(self._on_ffi_panic)):
+                self._update()
+                models_task = asyncio.create_task(self._load_models(), name="knotd:models")
+                runner = await self.boot.start_status_server()
+                return await self._serve_worker(models_task)
         finally:
             await self.ticker.stop()
             await self.boot.close()
@@ -89,6 +94,7 @@ class Daemon:
         if self._stop.is_set():
             return
         self.facts.models_loaded = True
+        await self._announce_load()
         self._update()
 
     async def _job_entrypoint(self, ctx: Any) -> None:
@@ -105,7 +111,7 @@ class Daemon:
     # -- main loop --------------------------------------------------------------------------------
     async def _serve_worker(self, models_task: asyncio.Task[None]) -> int:
         with stage("worker_start"):
-            server = build_server(self.settings, self._job_entrypoint, self._load)
+            server = self._server = build_server(self.settings, self._job_entrypoint, self._load)
             server.on("worker_registered", self._on_registered)
             started = asyncio.Event()
             server.on("worker_started", started.set)
@@ -150,7 +156,7 @@ class Daemon:
         self.ticker.extend_stop_timeout(False)
         self.facts.stopped = True
         self._update()
-        return 0
+        return self._exit_code
 
     async def _models_failed(self, server: Any, run_task: asyncio.Task[None], exc: BaseException) -> int:
         self.facts.failure = f"model loading failed: {exc}"
@@ -178,7 +184,21 @@ class Daemon:
         self.facts.worker_id, self.facts.is_registered = worker_id, True
         self.facts.registrations += 1
         if not self._stop.is_set():
+            # READY only once LiveKit knows the worker has room (see announce_load).
+            asyncio.get_running_loop().create_task(self._announce_then_update(), name="knotd:announce")
+
+    async def _announce_then_update(self) -> None:
+        await self._announce_load()
+        if not self._stop.is_set():
             self._update()
+
+    async def _announce_load(self) -> None:
+        if self._server is None or not self.facts.is_registered or self.facts.draining:
+            return
+        try:
+            await announce_load(self._server)
+        except Exception as err:  # the periodic update still comes within 2.5 s
+            log.warning("announce_load_failed", error_type=type(err).__name__)
 
     def _on_connection_lost(self) -> None:
         # Called from livekit's logging call, on the main loop thread.
@@ -198,6 +218,13 @@ class Daemon:
         log.info("stop_requested", signal=sig.name)
         self._stop.set()
 
+    def _on_ffi_panic(self) -> None:
+        # livekit has printed "FFI Panic: <message>" to stderr (the journal) already.
+        log.error("livekit_ffi_panic", action="draining, then exiting for a restart")
+        metrics.LIVEKIT_FFI_PANICS.inc()
+        self._exit_code = FFI_PANIC_EXIT_CODE
+        self._stop.set()
+
     def _update(self) -> None:
         """Derive the lifecycle from the facts; tell the state, the metrics and systemd."""
         was_draining = self.state.lifecycle is Lifecycle.DRAINING
@@ -215,8 +242,12 @@ class Daemon:
     async def _report_status_changes(self) -> None:
         """Keep systemd's STATUS= current as sessions come and go ("ready: worker AW_x, 2 sessions")."""
         sent, version = self.state.status_line(), self.state.version
+        sessions = len(self.state.sessions)
         while True:
             version = await self.state.wait_changed(version, timeout=30.0)
+            if len(self.state.sessions) < sessions:
+                await self._announce_load()  # a freed slot is offered to LiveKit at once
+            sessions = len(self.state.sessions)
             line = self.state.status_line()
             if line != sent and self.state.lifecycle in (Lifecycle.READY, Lifecycle.DRAINING):
                 self.notifier.status(line)

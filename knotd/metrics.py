@@ -105,6 +105,10 @@ WORKER_REGISTRATIONS = Counter(
     "knotd_worker_registrations_total",
     "Successful worker registrations with LiveKit; more than one means the connection was re-established.",
 )
+LIVEKIT_FFI_PANICS = Counter(
+    "knotd_livekit_ffi_panics_total",
+    "Panics of the livekit rtc SDK's native core; each makes knotd drain and exit 1 for a restart.",
+)
 MAX_SESSIONS = Gauge("knotd_sessions_max", "Configured session capacity of this worker (worker.max_sessions).")
 BUILD_INFO = Gauge("knotd_build_info", "Always 1; the label carries the knotd version.", ["version"])
 

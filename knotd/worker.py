@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import types
 from collections.abc import Awaitable, Callable
 
 from livekit.agents import AgentServer, JobContext, JobExecutorType
@@ -60,6 +62,19 @@ def build_server(
     return server
 
 
+async def announce_load(server: AgentServer) -> None:
+    """Send LiveKit the worker's load now, not at livekit's next status update (every 2.5 s).
+
+    LiveKit offers a room only to a worker it believes has room and does not queue the job ("not dispatching
+    agent job since no worker is available"): a caller joining between READY=1 — or a session's end — and
+    that update would get no agent at all. livekit 1.8.9 has no public call for this; these two private
+    methods are what its own status loop runs. tests/test_room.py joins a room right after READY, so a
+    rename fails there.
+    """
+    await server._refresh_worker_load()
+    await server._update_worker_status()
+
+
 class ConnectionWatch(logging.Handler):
     """Calls ``on_lost`` whenever livekit reports that the worker connection failed or dropped."""
 
@@ -78,3 +93,41 @@ class ConnectionWatch(logging.Handler):
 
     def __exit__(self, *exc: object) -> None:
         self._logger.removeHandler(self)
+
+
+class FfiPanicWatch:
+    """Calls ``on_panic`` where the livekit rtc SDK would SIGTERM its own process after an FFI panic.
+
+    ``livekit/rtc/_ffi_client.py`` answers every panic of its native core ("unrecoverable state") by printing
+    "FFI Panic: …" and ``os.kill(os.getpid(), SIGTERM)``. To knotd that signal looked like systemd stopping
+    it: it drained, exited 0, and ``Restart=on-failure`` never brought it back — seen when a room connect
+    was starved for 15 s ("timed out waiting for ReadyForRoomEventRequest") with four sessions joining at
+    once on 2 busy cores. Inside this context the SDK's ``os`` is a view of the real module whose ``kill``
+    of this process with SIGTERM calls ``on_panic`` instead (from the SDK's callback thread); every other
+    call goes to the real ``os``. tests/test_worker.py feeds a real panic event through the SDK's callback,
+    so a change of the SDK's mechanism fails there.
+    """
+
+    def __init__(self, on_panic: Callable[[], None]) -> None:
+        self._on_panic = on_panic
+
+    def __enter__(self) -> FfiPanicWatch:
+        from livekit.rtc import _ffi_client
+
+        real_os, on_panic = os, self._on_panic
+
+        def kill(pid: int, sig: int) -> None:
+            if pid == real_os.getpid() and sig == signal.SIGTERM:
+                on_panic()
+            else:
+                real_os.kill(pid, sig)
+
+        self._module = _ffi_client
+        view = types.ModuleType("os")
+        view.__dict__.update(real_os.__dict__)
+        view.kill = kill  # type: ignore[attr-defined]
+        _ffi_client.os = view  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._module.os = os  # type: ignore[attr-defined]

@@ -179,15 +179,17 @@ async def test_typed_chat_is_guarded_like_speech(livekit_server, start_daemon, n
 
 
 async def run_rooms(daemon, livekit_server, callers, state_dir: Path, plans: dict, together=None) -> None:
-    """Run one caller per room in `plans` ({room: (plan, Caller options)}) at once, plus `together` (a
-    coroutine function given the room name "room-two"); then check every session ended with one record."""
+    """One caller per room in `plans` ({room: (plan, Caller options)}), plus `together` (a coroutine function
+    given the room name "room-two"): the callers join one after the other (a burst of simultaneous joins is
+    not what these tests are about), then all plans run at once; every session must end with one record."""
+    joined = {}
+    for room, (_, options) in plans.items():
+        joined[room] = await join(callers, livekit_server, f"caller-{room}", room, **options)
+        await greeted(joined[room], timeout=120)
 
     async def one_room(room: str) -> None:
-        plan, options = plans[room]
-        caller = await join(callers, livekit_server, f"caller-{room}", room, **options)
-        await greeted(caller, timeout=120)
-        await plan(caller)
-        await caller.leave()
+        await plans[room][0](joined[room])
+        await joined[room].leave()
 
     rooms = set(plans) | ({"room-two"} if together else set())
     await asyncio.gather(*(one_room(room) for room in plans), *([together("room-two")] if together else []))
