@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from livekit.protocol import agent
+
 from knotd.journal import read_records
 from tests.conftest import API_SECRET, free_port
 
@@ -230,3 +232,23 @@ async def test_a_session_whose_room_never_answers_ends_and_frees_its_slot(standi
     assert status["sessions"] == []
     _, metrics = await daemon.get("/metrics")
     assert 'knotd_stage_duration_seconds_count{stage="session_start",status="error"} 1.0' in metrics
+
+
+async def test_livekit_knows_the_worker_has_room_when_ready_is_sent(standin, start_daemon, notify_socket):
+    """LiveKit offers a room only to a worker it believes has room, and does not queue it: the worker's
+    "available" status reaches LiveKit together with READY=1, not at livekit's next periodic update (2.5 s
+    after the connection, which is about when knotd becomes ready: without the push it came ≈ 2.4 s late).
+    """
+    daemon = await start_daemon(standin.url)
+    ready = await notify_socket.wait_for("READY", timeout=120)
+    ready_wall = time.time() - (time.monotonic() - ready.at)
+
+    def available():
+        return [r for r in standin.messages if r.kind == "update_worker"
+                and r.message.update_worker.status == agent.WorkerStatus.WS_AVAILABLE]
+
+    await standin.wait_for(lambda: available(), timeout=10, what="an available status")
+    assert available()[0].at - ready_wall < 1.0
+    assert available()[0].message.update_worker.load == 0.0
+    daemon.signal(signal.SIGTERM)
+    assert await daemon.wait_exit(timeout=30) == 0

@@ -112,8 +112,7 @@ async def test_demo_page_shows_a_new_session_live_and_saves_the_readme_screensho
         await page.goto(url)
         await page.wait_for(IS_LIVE)
         await page.evaluate("window.knotdSamePage = true")
-        state.session_started("s-new", "werkstatt-9")
-        state.session_update("s-new", phase="greeting")
+        state.session_started("s-new", "werkstatt-9", "greeting")
         await page.wait_for(section_contains("sessions", "werkstatt-9"))
         await page.wait_for(section_contains("status", "3 of 4 sessions in use"))
         assert await page.evaluate("window.knotdSamePage === true"), "the page was reloaded"
