@@ -66,6 +66,8 @@ class LiveKitSettings:
     agent_name: str = "knotencheck"
     api_key: Secret = field(default_factory=lambda: Secret(""), metadata={"secret": True})
     api_secret: Secret = field(default_factory=lambda: Secret(""), metadata={"secret": True})
+    # The server's agents.target_load: it offers a room only to a worker whose reported load is below it.
+    target_load: float = 0.7
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,10 @@ class SttSettings:
     # Start transcribing at the first short pause, before the VAD ends the turn; drop it if the user goes on.
     speculative: bool = True
     speculative_silence_s: float = 0.1
+    # Tell Whisper the question just asked and the words the phase expects (phases.toml: recognition).
+    context: bool = True
+    # A prompted transcript is dropped when Whisper thinks it this likely that nothing was said.
+    no_speech_threshold: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 # (lowest, highest) allowed, inclusive.
 _RANGES: dict[str, tuple[float, float]] = {
     "worker.max_sessions": (1, 64),
+    "livekit.target_load": (0.05, 1.0),
     "worker.drain_timeout_s": (0, 86400),
     "worker.max_retry": (0, 1000),
     "session.start_timeout_s": (1, 300),
@@ -219,6 +226,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "stt.cpu_threads": (0, 64),
     "stt.max_window_s": (5, 30),
     "stt.speculative_silence_s": (0.05, 1.0),
+    "stt.no_speech_threshold": (0.0, 1.0),
     "turn.min_endpointing_delay_s": (0, 10),
     "turn.max_endpointing_delay_s": (0, 30),
     "turn.model_threshold": (0, 1),

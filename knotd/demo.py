@@ -26,9 +26,9 @@ from knotd.lifecycle import Facts
 
 
 def bundled_requests() -> list[Path]:
-    """The demo's German answers (espeak-ng): consent, then where the knot is."""
+    """The demo's German answers (espeak-ng): consent, then where the knot is, its size, since when, changes."""
     data = importlib_resources.files("knotd").joinpath("data")
-    return [Path(str(data.joinpath(name))) for name in ("demo_de_1.wav", "demo_de_2.wav")]
+    return [Path(str(data.joinpath(f"demo_de_{n}.wav"))) for n in range(1, 6)]
 
 
 class DemoError(KnotdError):
@@ -98,6 +98,12 @@ def _print_report(printer: Any, conversation: Any, record: SessionSummary, out: 
                               for c in ("eou", "stt", "llm_ttft", "tts_ttfb", "e2e"))
             printer(f"  turn {n:<6} {cells}")
     printer("")
+    if record.answers:
+        printer("answers (session summary):")
+        for field, answer in record.answers.items():
+            shown = answer.answer if answer.kept and answer.understood else None
+            printer(f"  {field:<9} {shown or ('understood' if answer.understood else 'not understood')}")
+        printer("")
     printer(f"phases: {' → '.join(record.phases_reached)}")
     printer(f"reply written to {out} ({duration:.1f} s of audio)")
 

@@ -32,6 +32,7 @@ TASK_OUTCOMES = ("ok", "failed", "cancelled")
 SESSION_OUTCOMES = ("completed", "disconnected", "error", "drained", "interrupted")
 SPECULATIVE_RESULTS = ("used", "discarded")
 TURN_DETECTIONS = ("model", "vad")
+STT_DROP_REASONS = ("echo", "no_speech", "repetition")
 
 STAGE_DURATION = Histogram(
     "knotd_stage_duration_seconds",
@@ -62,6 +63,11 @@ TURN_CUTOFFS = Counter(
     "Agent answers the caller talked into within 1 s of their start (the turn probably ended too early), "
     "by turn detection (model, vad).",
     ["detection"],
+)
+STT_DROPPED = Counter(
+    "knotd_stt_dropped_total",
+    "Prompted transcripts dropped as not the caller's words: an echo of the prompt, no speech, or a decoder loop.",
+    ["reason"],
 )
 GUARDRAIL_CHECKS = Counter(
     "knotd_guardrail_checks_total",
@@ -128,6 +134,8 @@ def initialise(max_sessions: int) -> None:
         TURN_ENDINGS.labels(how=how)
     for detection in TURN_DETECTIONS:
         TURN_CUTOFFS.labels(detection=detection)
+    for reason in STT_DROP_REASONS:
+        STT_DROPPED.labels(reason=reason)
 
 
 def initialise_guardrail(guardrail: Guardrail) -> None:

@@ -31,9 +31,14 @@ def build_server(
 
     Args:
         entrypoint: the job entrypoint (runs in a job thread with its own event loop).
-        load: 0..1 reported to LiveKit; at 1.0 the worker takes no job. knotd reports active sessions /
-            max_sessions (CPU may be high on a 2-core VM while Whisper runs: the default CPU-average load
-            with its 0.7 threshold refused every job on such a VM), and 1.0 until the models are loaded.
+        load: 0..1, the share of the worker's sessions in use: active sessions / max_sessions, and 1.0 until
+            the models are loaded (CPU may be high on a 2-core VM while Whisper runs: livekit's default
+            CPU-average load refused every job on such a VM).
+
+    LiveKit reads the load on its own scale: livekit-server offers a room only to a worker whose load is
+    below its ``agents.target_load`` (0.7 by default; affinity = target − load). Reporting active / max as
+    it is left the last slot of ``max_sessions = 4`` unused (3 / 4 = 0.75): the fourth caller got no agent.
+    So knotd reports ``load × livekit.target_load`` and is full (WS_FULL) exactly at ``max_sessions``.
     """
     # knotd loads the end-of-turn model itself, once, timed and self-tested (knotd.speech.turn_model), and
     # brings its own Silero VAD: livekit's preload would load its local VAD for nothing and the end-of-turn
@@ -43,8 +48,8 @@ def build_server(
     max_sessions = worker.max_sessions
     server = AgentServer(
         job_executor_type=JobExecutorType.THREAD,
-        load_fnc=lambda *_: load(),
-        load_threshold=1.0,
+        load_fnc=lambda *_: load() * settings.livekit.target_load,
+        load_threshold=settings.livekit.target_load,
         # In THREAD mode an idle "process" is a thread with a fresh event loop: cheap. One per slot lets
         # LiveKit reserve every slot of a burst at once (livekit divides the threshold by this number).
         num_idle_processes=max_sessions,

@@ -123,13 +123,18 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     ref, hyp = normalize_words(reference), normalize_words(hypothesis)
     if not ref:
         return float(bool(hyp))
+    return edit_distance(ref, hyp) / len(ref)
+
+
+def edit_distance(ref: list[str], hyp: list[str]) -> int:
+    """Word-level Levenshtein distance: substitutions, insertions and deletions turning `ref` into `hyp`."""
     prev = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         cur = [i] + [0] * len(hyp)
         for j, h in enumerate(hyp, 1):
             cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
         prev = cur
-    return prev[-1] / len(ref)
+    return prev[-1]
 
 
 def contains_words(text: str, words: tuple[str, ...] | list[str], *, min_ratio: float = 0.8) -> bool:
@@ -175,9 +180,12 @@ def have_model_packages() -> bool:
 # Silence around the demo request lets the VAD see the end of speech without a caller padding it.
 BUNDLED: dict[str, tuple[str, float, float]] = {  # file name: (text, leading s, trailing s of silence)
     "selftest_de.wav": ("Hallo, ich möchte den Knotencheck starten.", 0.1, 0.2),
-    # `knotd demo` says these two after the greeting: consent, then the answer to the first check step.
+    # `knotd demo` says these after the greeting: consent, then the answers to the four check steps.
     "demo_de_1.wav": ("Guten Tag. Ja, ich bin einverstanden.", 0.3, 1.5),
-    "demo_de_2.wav": ("Er sitzt am Hals, neben dem Kehlkopf.", 0.3, 1.5),
+    "demo_de_2.wav": ("Am Hals, neben dem Kehlkopf.", 0.3, 1.5),
+    "demo_de_3.wav": ("Etwa so groß wie eine Kirsche.", 0.3, 1.5),
+    "demo_de_4.wav": ("Ich habe ihn vor drei Wochen bemerkt.", 0.3, 1.5),
+    "demo_de_5.wav": ("Er ist größer geworden, aber er schmerzt nicht.", 0.3, 1.5),
 }
 
 

@@ -19,6 +19,7 @@ from prometheus_client import Histogram
 from knotd import metrics
 from knotd.bridge import TaskFailure
 from knotd.conversation.guardrails import GuardSummary, Verdict
+from knotd.conversation.recognition import StepAnswer
 from knotd.conversation.summary import SessionSummary
 from knotd.state import DaemonState, Lifecycle
 from knotd.status.app import create_app
@@ -113,6 +114,9 @@ def build_demo(now: float | None = None) -> tuple[DaemonState, LatencyHistograms
             outcome=outcome, phases_reached=tuple(phases), final_phase=phases[-1],
             turns=turns, latency_s={"e2e": {"n": turns, "p50": e2e_p50, "p95": e2e_p50 + 0.2}},
             guardrail=GuardSummary(checks={}, hits=hits, discarded_chars=0), task_failures=failures,
+            answers={field: StepAnswer(True) for field, step in
+                     (("location", "step_location"), ("size", "step_size"), ("since", "step_since"),
+                      ("changes", "step_changes")) if step in phases},
         ))
     return state, hist
 

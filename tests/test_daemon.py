@@ -10,7 +10,6 @@ import subprocess
 import time
 
 import pytest
-
 from livekit.protocol import agent
 
 from knotd.journal import read_records

@@ -15,6 +15,7 @@ from prometheus_client import Histogram
 from knotd import metrics
 from knotd.bridge import TaskFailure
 from knotd.conversation.guardrails import GuardSummary, Verdict
+from knotd.conversation.recognition import StepAnswer
 from knotd.conversation.summary import SessionSummary
 from knotd.lifecycle import Facts, derive
 from knotd.state import DaemonState, Lifecycle
@@ -230,6 +231,22 @@ async def test_page_and_api_show_how_turns_ended_and_cut_offs(client, state):
     document = await (await client.get("/api/status")).json()
     assert document["turn_endings"] == {"model": 2, "max_delay": 1, "vad": 1}
     assert document["turn_cutoffs"] == {"model": 1}
+
+
+async def test_finished_sessions_show_the_answers_as_the_record_keeps_them(client, state):
+    """With transcripts allowed the summary keeps normalised answers and the page shows them; without, the page
+    shows only whether each answer was understood."""
+    for room, kept in (("kept", True), ("private", False)):
+        state.session_finished(SessionSummary(
+            session_id=room, room=room, outcome="completed", started_at=100.0, ended_at=160.0, phases_reached=(),
+            final_phase="goodbye", turns=4, latency_s={}, guardrail=GuardSummary(checks={}, hits={}, discarded_chars=0),
+            answers={"location": StepAnswer(True, "Hals, Kehlkopf" if kept else None, kept),
+                     "size": StepAnswer(False, None, kept)}))
+    html = await page_text(client)
+    rows = {room: visible_text(html[html.index(f">{room}<"):].split("</tr>")[0]) for room in ("kept", "private")}
+    assert "location: Hals, Kehlkopf" in rows["kept"] and "size: not understood" in rows["kept"]
+    assert "location: understood" in rows["private"] and "size: not understood" in rows["private"]
+    assert "Kehlkopf" not in rows["private"]
 
 
 async def test_finished_session_with_nothing_measured_still_renders(client, state):

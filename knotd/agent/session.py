@@ -160,6 +160,7 @@ class KnotencheckSession:
         self.machine.add_listener(self._on_phase_change)
         self.turns = TurnObserver(self._on_turn)
         self.transcript: list[TranscriptLine] = []
+        self.agent_line = ""  # what the agent said last: the question the caller is answering
         self.speeches: dict[str, int] = {}
         self.room: rtc.Room | None = None
         self._finished: SessionSummary | None = None
@@ -178,7 +179,8 @@ class KnotencheckSession:
         self.detection = "model" if self.detector is not None else "vad"
         self.cutoffs = CutoffWatch(lambda: observer.turn_cut_off(session_id, self.detection))
         with stage("stt_init", shared=True):
-            stt = WhisperSTT(models.whisper, settings.stt, vad=vad, release_silence_s=release_silence_s)
+            stt = WhisperSTT(models.whisper, settings.stt, vad=vad, release_silence_s=release_silence_s,
+                             prompt=self.recognition_prompt if settings.stt.context else None)
         with stage("llm_init"):
             self.llm = build_llm(settings.llm, self.machine)
         self.tts = build_tts(settings.tts)  # times itself as the tts_init stage
@@ -249,6 +251,8 @@ class KnotencheckSession:
             ending = self.detector.decision().ending if self.detector is not None else "vad"
             self.observer.turn_ended(self.session_id, ending)
         self.turns.on_message(role, getattr(item, "metrics", None))
+        if role == "assistant" and item.text_content:
+            self.agent_line = item.text_content
         if self.resources.settings.session.record_transcripts and role in ("user", "assistant"):
             self.transcript.append(TranscriptLine(role, item.text_content or "", time.time()))
 
@@ -308,6 +312,13 @@ class KnotencheckSession:
         await participant.publish_data(payload, reliable=True, topic=WIRE_TOPIC,
                                        destination_identities=to or [])
 
+    def recognition_prompt(self) -> str | None:
+        """Whisper's context for the caller's next words: the agent's last line and the phase's expected words."""
+        recognition = self.machine.phase.recognition
+        if recognition is not None:
+            return recognition.prompt(self.agent_line or self.machine.line())
+        return self.agent_line or None
+
     def _log_hit(self, direction: str, verdict: Verdict) -> None:
         log.info("guardrail_hit", session_id=self.session_id, direction=direction, rule=verdict.rule)
 
@@ -335,6 +346,8 @@ class KnotencheckSession:
                 task_failures=self.bridge.failures,
                 agent_speeches=dict(self.speeches),
                 transcript=tuple(self.transcript) if record_transcripts else None,
+                # Normalised answers are what the caller said: kept only where transcripts may be.
+                answers=self.machine.recognised_answers(with_values=record_transcripts),
             )
             self._finished = summary
             # In a thread: the journal fsyncs sessions.jsonl.

@@ -17,6 +17,12 @@ turn detection) asks the stream for that transcript with a flush at the VAD's en
 (`capabilities.manual_flush`); the stream also hands it over by itself once its own VAD has seen as much
 silence as the session's, for turn modes that never flush.
 
+Recognition context: the session passes a `prompt` function; every transcription (the speculative ones too)
+calls it on the event loop when it starts and hands the string to Whisper with that one call. The model is
+shared by all sessions, the prompt never is: it is an argument, not state. A prompted transcript that is
+an echo of its prompt, or no speech, comes back empty (`knotd.speech.whisper`) and is counted in
+`knotd_stt_dropped_total{reason}`.
+
 This module does not load models (see `knotd.speech.models`) and does not decide when a turn ends.
 """
 
@@ -26,6 +32,7 @@ import asyncio
 import dataclasses
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,16 +95,20 @@ class WhisperSTT(stt.STT):
     """livekit STT around a shared WhisperModel: streaming and speculative when given a VAD, else not."""
 
     def __init__(self, model: WhisperModel, settings: SttSettings, *, vad: lk_vad.VAD | None = None,
-                 model_name: str | None = None, release_silence_s: float | None = None) -> None:
+                 model_name: str | None = None, prompt: Callable[[], str | None] | None = None,
+                 release_silence_s: float | None = None) -> None:
         """Cheap: builds views on the already loaded `model`.
 
         Args:
             vad: the session's VAD; with it and `settings.speculative`, transcription is speculative
                 (see the module docstring). Without it livekit cuts utterances with the session's VAD.
             model_name: reported in livekit's STT metrics; defaults to the model directory's name.
+            prompt: the session's recognition context for the next utterance (called on the event loop
+                as each transcription starts); None: no context.
             release_silence_s: hand a held transcript over unasked after this much silence; default: the
                 session VAD's silence. With the end-of-turn model livekit flushes when the model decides.
         """
+        self._prompt = prompt
         self._spec_vad: lk_vad.VAD | None = None
         self._release_silence_s = 0.0
         if vad is not None and settings.speculative:
@@ -128,9 +139,14 @@ class WhisperSTT(stt.STT):
         """Whether `stream()` transcribes speculatively (else livekit's StreamAdapter cuts utterances)."""
         return self._spec_vad is not None
 
-    def transcribe_pcm(self, pcm: np.ndarray, *, language: str | None = None) -> Transcript:
+    def transcribe_pcm(self, pcm: np.ndarray, *, language: str | None = None,
+                       prompt: str | None = None) -> Transcript:
         """Transcribe 16 kHz mono float32 audio (blocking); see `WhisperTranscriber.transcribe_pcm`."""
-        return self._transcriber.transcribe_pcm(pcm, language=language)
+        return self._transcriber.transcribe_pcm(pcm, language=language, prompt=prompt)
+
+    def current_prompt(self) -> str | None:
+        """The session's recognition context now (call on the session's event loop)."""
+        return self._prompt() if self._prompt is not None else None
 
     def stream(self, *, language: NotGivenOr[str] = NOT_GIVEN,
                conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> stt.RecognizeStream:
@@ -148,29 +164,36 @@ class WhisperSTT(stt.STT):
         conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
     ) -> stt.SpeechEvent:
         frames = buffer if isinstance(buffer, list) else [buffer]
-        result = await self.transcribe_frames(frames, language if utils.is_given(language) else None)
+        result = await self.transcribe_frames(frames, language if utils.is_given(language) else None,
+                                              self.current_prompt())
         return stt.SpeechEvent(
             type=stt.SpeechEventType.FINAL_TRANSCRIPT,
             request_id=utils.shortuuid("stt_"),
             alternatives=[stt.SpeechData(language=result.language, text=result.text)],
         )
 
-    async def transcribe_frames(self, frames: list[rtc.AudioFrame], language: str | None) -> Transcript:
-        """Transcribe audio frames off the event loop.
+    async def transcribe_frames(self, frames: list[rtc.AudioFrame], language: str | None,
+                                prompt: str | None = None) -> Transcript:
+        """Transcribe audio frames off the event loop, with `prompt` as the recognition context.
 
         Raises:
             APIError: CTranslate2 or numpy failed (not retryable).
         """
         if not frames:
-            return Transcript("", language or self._transcriber.settings.language, 0)
+            return Transcript("", language or self._transcriber.settings.language, 0, prompt)
         try:
-            return await asyncio.to_thread(self._recognize_blocking, rtc.combine_audio_frames(frames), language)
+            result = await asyncio.to_thread(self._recognize_blocking, rtc.combine_audio_frames(frames), language,
+                                             prompt)
         except (RuntimeError, ValueError) as err:  # CTranslate2 and numpy failures
             raise APIError(f"whisper transcription failed: {type(err).__name__}: {err}",
                            retryable=False) from err
+        if result.dropped:
+            metrics.STT_DROPPED.labels(reason=result.dropped).inc()
+            log.debug("stt_transcript_dropped", reason=result.dropped, no_speech_prob=round(result.no_speech_prob, 2))
+        return result
 
-    def _recognize_blocking(self, frame: rtc.AudioFrame, language: str | None) -> Transcript:
-        return self._transcriber.transcribe_pcm(frame_to_whisper_input(frame), language=language)
+    def _recognize_blocking(self, frame: rtc.AudioFrame, language: str | None, prompt: str | None) -> Transcript:
+        return self._transcriber.transcribe_pcm(frame_to_whisper_input(frame), language=language, prompt=prompt)
 
 
 @dataclass
@@ -307,7 +330,7 @@ class SpeculativeStream(stt.RecognizeStream):
 
     def _transcribe(self, frames: list[rtc.AudioFrame], speech_end_time: float, *,
                     speculative: bool) -> _Transcription:
-        task = asyncio.create_task(self._owner.transcribe_frames(frames, self._language),
+        task = asyncio.create_task(self._owner.transcribe_frames(frames, self._language, self._owner.current_prompt()),
                                    name="knotd_stt_transcribe")
         return _Transcription(task, sum(f.duration for f in frames), speech_end_time, speculative)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from knotd.conversation.guardrails import TextMatcher, normalize
+from knotd.conversation.recognition import Recognition, StepAnswer, parse_recognition
 from knotd.datafiles import Locator, parse_toml, read_data_file
 from knotd.errors import ConfigError, KnotdError
 
@@ -45,7 +46,7 @@ MAX_ANSWER_CHARS = 120
 NO_ANSWER = "keine Angabe"
 
 _SCRIPT_KEYS = {"initial", "interrupts", "reprompt", "finished", "instructions", "guidance", "anywhere"}
-_PHASE_KEYS = {"title", "say", "step", "then", "terminal", "reprompt", "next"}
+_PHASE_KEYS = {"title", "say", "step", "then", "terminal", "reprompt", "next", "recognition"}
 _TRANSITION_KEYS = {"to", "words", "patterns"}
 
 
@@ -76,6 +77,7 @@ class Phase:
     step: int | None = None
     is_terminal: bool = False
     reprompt: str | None = None
+    recognition: Recognition | None = None  # what its answer is made of (the STT's context, the summary)
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,20 @@ class PhaseMachine:
         self.commit(reply)
         return reply
 
+    def recognised_answers(self, *, with_values: bool) -> dict[str, StepAnswer]:
+        """The answers to phases with a recognition context, by field, in script order.
+
+        Each says whether it was understood (it named one of the expected terms) and, with ``with_values``,
+        keeps its normalised form ("Hals, Kehlkopf"). Phases the caller never answered are left out.
+        """
+        out: dict[str, StepAnswer] = {}
+        for phase in self.script.phases.values():
+            if phase.recognition is None or phase.name not in self._answers:
+                continue
+            value = phase.recognition.normalise(self._answers[phase.name])
+            out[phase.recognition.field] = StepAnswer(value is not None, value if with_values else None, with_values)
+        return out
+
     def line(self) -> str:
         """The current phase's line (its question), with answers filled in."""
         return self._line(self.current, self._answers)
@@ -371,6 +387,14 @@ def _parse_script(data: dict[str, Any], locate: Locator) -> PhaseScript:
         if not phase.is_terminal and not (phase.next or phase.then):
             raise fail(f"{prefix}.next", "dead end: give 'next' transitions or 'then', or set terminal = true")
         _check_then_chain(phase.name, phases, fail)
+    fields: dict[str, str] = {}
+    for phase in phases.values():
+        if phase.recognition is not None:
+            field_name = phase.recognition.field
+            if field_name in fields:
+                raise fail(f"phase.{phase.name}.recognition.field",
+                           f"{field_name!r} is already the field of phase {fields[field_name]}")
+            fields[field_name] = phase.name
     return PhaseScript(phases, initial, interrupts, anywhere, texts["reprompt"].strip(), texts["finished"].strip(),
                        texts["instructions"].strip(), texts["guidance"].strip(), locate.source)
 
@@ -399,7 +423,10 @@ def _parse_phase(name: str, raw: Any, fail: Callable[[str, str], ConfigError]) -
     if reprompt is not None and (not isinstance(reprompt, str) or not reprompt.strip()):
         raise fail(f"{prefix}.reprompt", "expected a non-empty string")
     transitions = _parse_transitions(f"{prefix}.next", raw.get("next", []), fail)
-    return Phase(name, title, say.strip(), transitions, then, step, is_terminal, reprompt)
+    recognition = None
+    if "recognition" in raw:
+        recognition = parse_recognition(f"{prefix}.recognition", raw["recognition"], fail)
+    return Phase(name, title, say.strip(), transitions, then, step, is_terminal, reprompt, recognition)
 
 
 def _parse_transitions(key: str, raw: Any, fail: Callable[[str, str], ConfigError]) -> tuple[Transition, ...]:

@@ -1,7 +1,8 @@
 """The summary of one finished session, as a typed record.
 
 It says what happened (outcome, phases reached, turns, guardrail hits, latency summary, bridged-task
-failures); transcript lines only when ``session.record_transcripts`` is on. It becomes JSON only at the
+failures, whether each check step's answer was understood); transcript lines and the normalised answers
+only when ``session.record_transcripts`` is on. It becomes JSON only at the
 edges: ``to_record()`` for ``sessions.jsonl`` (``knotd.journal``) and ``/api/status``.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from knotd.conversation.guardrails import GuardSummary
+from knotd.conversation.recognition import StepAnswer
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class SessionSummary:
     task_failures: int = 0
     agent_speeches: Mapping[str, int] = field(default_factory=dict)
     transcript: tuple[TranscriptLine, ...] | None = None
+    # Per check step (location, size, since, changes): understood, and the normalised answer where kept.
+    answers: Mapping[str, StepAnswer] = field(default_factory=dict)
 
     @property
     def duration_s(self) -> float:
@@ -70,6 +74,7 @@ class SessionSummary:
             "guardrail": self.guardrail.to_dict(),
             "task_failures": self.task_failures,
             "agent_speeches": dict(self.agent_speeches),
+            "answers": {name: answer.to_record() for name, answer in self.answers.items()},
         }
         if self.transcript is not None:
             record["transcript"] = [{"role": t.role, "text": t.text, "at": round(t.at, 3)} for t in self.transcript]

@@ -10,12 +10,25 @@ holds the utterance (buckets keep the shapes few and repeating) and falls back t
 Decoding is greedy or beam as configured, at temperature 0 only: the stock fallback ladder (0.2 … 1.0)
 re-decodes misheard clips up to five times (6 s instead of 1.2 s) without better text.
 
+A caller may pass a `prompt`: text Whisper reads as if it had been said just before the utterance (the
+question the agent asked and the words expected in the answer). It steers the decoder towards those words
+(base hears "Kiel kopf" without it and "Kehlkopf" with it) at the cost of a few prompt tokens in the
+decoder. Prompted Whisper has a known failure: on silence or noise it may "hear" the prompt itself. So a
+prompted transcript is dropped when its text is the prompt or a piece of it (`is_prompt_echo`), when
+Whisper's no-speech probability is above `stt.no_speech_threshold` (on silence and noise prompted base says
+"Sie ihn zum Beispiel mit einer Kirsche" at 0.8–0.9), or when it is a loop (gzip compression ratio above
+2.4, Whisper's own hallucination test; "Ich bin der Knotencheck. Ich bin der Knotencheck. …" on 8 s of
+silence at a no-speech probability of 0.34); `Transcript.dropped` says why.
+
 This module does not load the model (see `knotd.speech.models`), does not detect speech (VAD does) and does
 not import livekit, so the daemon can load and self-test Whisper while livekit is still being imported.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
+import unicodedata
 from typing import NamedTuple
 
 import numpy as np
@@ -27,16 +40,68 @@ from knotd.config import SttSettings
 WHISPER_SAMPLE_RATE = 16000
 STOCK_WINDOW_S = 30
 WINDOW_BUCKETS_S = (10, 15, 20, 30)
+ECHO_MIN_WORDS = 4
+ECHO_LONG_WORDS = 8
+ECHO_COVERAGE = 0.9
+# Whisper's own test for a decoder caught in a loop ("die Knoten, die Knoten, …"): text that gzip shrinks
+# more than this is repetition, not an answer.
+_MAX_COMPRESSION_RATIO = 2.4
 # Shorter than this is no speech worth decoding (and an empty array would fail in the feature extractor).
 _MIN_SAMPLES = WHISPER_SAMPLE_RATE // 20
 
 
+def _max_tokens(duration_s: float) -> int:
+    """A bound on the tokens one utterance can need (fast speech is ≈ 4 words, ≈ 8 tokens a second).
+
+    A decoder caught in a loop ("ich bin einig, ich bin einig, …") otherwise runs to Whisper's 224 tokens,
+    seconds of CPU for text nobody wants.
+    """
+    return min(200, 16 + int(10 * duration_s))
+
+
 class Transcript(NamedTuple):
-    """What one utterance became: its text, the language it was decoded as, the encoder window used."""
+    """What one utterance became: its text, the language it was decoded as, the encoder window used.
+
+    With a prompt, also the prompt, Whisper's highest no-speech probability over the segments, and why the
+    decoded text was dropped ("echo" or "no_speech"; `text` is then empty, `heard` keeps it), else None.
+    """
 
     text: str
     language: str
     window_s: int
+    prompt: str | None = None
+    no_speech_prob: float = 0.0
+    dropped: str | None = None
+    heard: str = ""  # the decoded text, also when dropped (for logs at debug level and the benchmark)
+
+
+def _words(text: str) -> list[str]:
+    """Lowercase words without punctuation or accents ("Größe?" -> ["grosse"])."""
+    text = unicodedata.normalize("NFKD", text.lower().replace("ß", "ss"))
+    text = "".join(ch for ch in text if not unicodedata.combining(ch))
+    return re.findall(r"\w+", text)
+
+
+def is_prompt_echo(text: str, prompt: str) -> bool:
+    """Whether `text` is an echo of `prompt`: at least `ECHO_MIN_WORDS` words that are a run of the prompt's
+    words, or a longer text (`ECHO_LONG_WORDS`) nearly all of whose words (`ECHO_COVERAGE`) appear in the
+    prompt in the same order (prompted Whisper on white noise: "Sie ihn zum Beispiel mit einer Kirsche oder
+    einer Walnuss." for "… Vergleichen Sie ihn zum Beispiel mit einer Erbse, einer Kirsche oder einer
+    Walnuss.").
+
+    Compared word by word, ignoring case, punctuation and accents. Answers reuse the question's words ("In der
+    Leiste." to "… oder in der Leiste?", "Die Haut darüber ist gerötet." to "… hat sich die Haut darüber
+    verändert? … gerötet"): short runs and loose matches are kept, and dropped only when Whisper also judges
+    them no speech.
+    """
+    said, prompted = _words(text), _words(prompt)
+    n = len(said)
+    if n < ECHO_MIN_WORDS:
+        return bool(said) and said == prompted
+    if any(prompted[i:i + n] == said for i in range(len(prompted) - n + 1)):
+        return True
+    blocks = difflib.SequenceMatcher(None, said, prompted, autojunk=False).get_matching_blocks()
+    return n >= ECHO_LONG_WORDS and sum(block.size for block in blocks) >= ECHO_COVERAGE * n
 
 
 class _WindowedWhisper(WhisperModel):
@@ -80,7 +145,7 @@ class WhisperTranscriber:
         return next((w for w in sorted(self._views) if duration_s <= w), STOCK_WINDOW_S)
 
     def transcribe_pcm(self, pcm: np.ndarray, *, language: str | None = None,
-                       window_s: int | None = None) -> Transcript:
+                       window_s: int | None = None, prompt: str | None = None) -> Transcript:
         """Transcribe one utterance; blocks for about 0.3–1.5 s, so call it off the event loop.
 
         Args:
@@ -88,10 +153,13 @@ class WhisperTranscriber:
             language: overrides `stt.language` ("" or None there means: detect, which costs an encoder pass).
             window_s: force an encoder window: an enabled bucket, else the stock 30 s path is used;
                 default: the smallest bucket that holds `pcm`.
+            prompt: the conversation so far as Whisper should read it (see the module docstring); a
+                per-call argument, so sessions sharing the model never see each other's.
         """
         language = language or self.settings.language or None
+        prompt = (prompt or "").strip() or None
         if pcm.size < _MIN_SAMPLES:
-            return Transcript("", language or "", 0)
+            return Transcript("", language or "", 0, prompt)
         window = window_s if window_s is not None else self.window_for(pcm.size / WHISPER_SAMPLE_RATE)
         model: WhisperModel | None = self._views.get(window)
         if model is None:
@@ -103,7 +171,21 @@ class WhisperTranscriber:
             temperature=0.0,
             condition_on_previous_text=False,
             hotwords=self.settings.hotwords or None,
+            initial_prompt=prompt,
+            max_new_tokens=_max_tokens(pcm.size / WHISPER_SAMPLE_RATE),
             vad_filter=False,
         )
+        segments = list(segments)
         text = " ".join(segment.text.strip() for segment in segments).strip()
-        return Transcript(text, info.language, window)
+        no_speech = max((segment.no_speech_prob for segment in segments), default=0.0)
+        dropped = None
+        if prompt is not None and text:
+            if not _words(text):  # "…": punctuation only
+                dropped = "no_speech"
+            elif is_prompt_echo(text, prompt):
+                dropped = "echo"
+            elif no_speech > self.settings.no_speech_threshold:
+                dropped = "no_speech"
+            elif max(segment.compression_ratio for segment in segments) > _MAX_COMPRESSION_RATIO:
+                dropped = "repetition"
+        return Transcript("" if dropped else text, info.language, window, prompt, no_speech, dropped, text)

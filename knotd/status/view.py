@@ -98,6 +98,8 @@ class FinishedSession:
     task_failures: int | None
     last_phase: str
     e2e_p50_s: float | None
+    # (field, understood, normalised answer or None when the record keeps no values), in script order
+    answers: tuple[tuple[str, bool, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,7 @@ def _finished(summary: SessionSummary) -> FinishedSession:
         task_failures=summary.task_failures,
         last_phase=summary.final_phase or (phases[-1] if phases else ""),
         e2e_p50_s=summary.e2e_p50_s,
+        answers=tuple((name, a.understood, a.answer if a.kept else None) for name, a in summary.answers.items()),
     )
 
 
