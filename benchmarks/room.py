@@ -141,7 +141,8 @@ def local_io(rooms: int) -> dict[str, list[float]]:
     out = {}
     for label, count in (("single", 1), ("concurrent", rooms)):
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "turn_latency.py"), "--rounds", "1",
-                               "--concurrent", str(count), "--json"], capture_output=True, text=True, check=True)
+                               "--concurrent", str(count), "--detection", "model", "--json"],
+                              capture_output=True, text=True, check=True)
         columns = json.loads(proc.stdout.strip().splitlines()[-1])
         turns = next(iter(columns.values()))  # the speculative column with knotd's default settings
         out[label] = [t["heard_e2e"] for t in turns if "heard_e2e" in t]

@@ -1,6 +1,7 @@
-"""Per-turn voice-to-voice latency with speculative transcription on and off, side by side.
+"""Per-turn voice-to-voice latency with speculative transcription on and off, and with the end-of-turn model
+and VAD endpointing, side by side.
 
-    python benchmarks/turn_latency.py [--rounds 2] [--silence 0.1,0.2] [--concurrent 4]
+    python benchmarks/turn_latency.py [--rounds 2] [--silence 0.1,0.2] [--concurrent 4] [--detection model,vad]
 
 Run from the repository root (needs the [models] extra, espeak-ng and sox; about 1 minute per round).
 Each round runs one real Knotencheck session per column, interleaved, in this process, on local audio IO (the
@@ -142,6 +143,8 @@ async def main() -> None:
                         help="sessions talking at once per column (default 1); turns are pooled")
     parser.add_argument("--json", action="store_true",
                         help="print the per-turn components of each column as one JSON object, no table")
+    parser.add_argument("--detection", default="model,vad",
+                        help="comma-separated [turn] detection values, one column each per speculation mode")
     parser.add_argument("--silence", default="",
                         help="comma-separated stt.speculative_silence_s values, one column each (default: knotd's)")
     args = parser.parse_args()
@@ -152,7 +155,7 @@ async def main() -> None:
     from knotd.agent import local_session, register_plugins
     from knotd.agent.local_io import read_wav
     from knotd.agent.session import AgentResources
-    from knotd.config import Settings, SttSettings
+    from knotd.config import Settings, SttSettings, TurnSettings
     from knotd.speech.models import load_models
 
     register_plugins()
@@ -160,13 +163,17 @@ async def main() -> None:
     base = Settings(stt=stt)
     state_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"knotd-turn-latency-{os.getpid()}"
     base = dataclasses.replace(base, session=dataclasses.replace(base.session, state_dir=str(state_dir)))
-    columns = modes([float(v) for v in args.silence.split(",") if v.strip()], stt.speculative_silence_s)
-    models = load_models(base)
+    spec_modes = modes([float(v) for v in args.silence.split(",") if v.strip()], stt.speculative_silence_s)
+    detections = [d.strip() for d in args.detection.split(",") if d.strip()]
+    columns = {f"{d} {name}" if len(detections) > 1 else name: (d, silence)
+               for name, silence in spec_modes.items() for d in detections}
+    models = load_models(dataclasses.replace(base, turn=TurnSettings(detection="model")))
     resources = {
-        name: AgentResources.load(dataclasses.replace(base, stt=dataclasses.replace(
-            stt, speculative=silence is not None, speculative_silence_s=silence or stt.speculative_silence_s)),
+        name: AgentResources.load(dataclasses.replace(
+            base, turn=TurnSettings(detection=detection), stt=dataclasses.replace(
+                stt, speculative=silence is not None, speculative_silence_s=silence or stt.speculative_silence_s)),
             models)
-        for name, silence in columns.items()
+        for name, (detection, silence) in columns.items()
     }
     microphone = make_timed_microphone(local_session.ScriptedAudioInput)
     local_session.ScriptedAudioInput = microphone
@@ -200,7 +207,7 @@ async def main() -> None:
 
         print(json.dumps({name: turns[name] for name in columns}))
         return
-    width = 16
+    width = 20
     print()
     print(f"{'p50 / p95 (s)':<14}" + "".join(f"{name:>{width}}" for name in columns) + "   target")
     targets = TARGETS if args.concurrent == 1 else TARGETS_CONCURRENT

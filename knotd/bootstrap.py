@@ -61,7 +61,7 @@ class Bootstrap:
                  guardrail: Future[Any] | None = None) -> None:
         from knotd.agent import register_plugins
 
-        register_plugins()  # main thread only; the models load in a thread
+        register_plugins(settings)  # main thread only; the models load in a thread
         self.settings = settings
         self.state = DaemonState(
             livekit_url="" if demo else settings.livekit.url,

@@ -121,13 +121,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     _configure_logging(settings)
 
     from knotd import stages
-    from knotd.speech.models import start_guardrail_load, start_whisper_load
+    from knotd.speech.models import start_guardrail_load, start_turn_model_load, start_whisper_load
 
     stages.record("config", time.perf_counter() - started, source=settings.source)
     notifier.status("loading models")
     # Whisper loads and self-tests in a thread while this thread imports livekit (≈2 s on 2 cores).
     whisper = start_whisper_load(settings)
     guardrail = start_guardrail_load(settings)  # the guardrails' encoder likewise, so both are in before READY
+    start_turn_model_load(settings)  # load_models() waits for it
 
     from knotd.daemon import Daemon
 

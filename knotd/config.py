@@ -118,8 +118,16 @@ class SttSettings:
 
 @dataclass(frozen=True)
 class TurnSettings:
-    min_endpointing_delay_s: float = 0.5
-    max_endpointing_delay_s: float = 3.0
+    # model: LiveKit's local end-of-turn model decides after a short silence (falls back to vad if it cannot
+    # load); vad: the turn ends after the Silero VAD's silence (0.55 s).
+    detection: str = "model"
+    # From the end of speech: how long to wait when the model says the speaker is done (and, with vad, at
+    # least this long), and when it says they are not. Chosen with benchmarks/turns.py.
+    min_endpointing_delay_s: float = 0.3
+    max_endpointing_delay_s: float = 1.5
+    # The model's probability at or above which the speaker is done; 0: its shipped threshold for the
+    # language (German 0.245, which cut off a third of mid-sentence pauses in benchmarks/turns.py).
+    model_threshold: float = 0.35
 
 
 @dataclass(frozen=True)
@@ -210,6 +218,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log.level": ("debug", "info", "warning", "error"),
     "tts.engine": ("espeak", "piper", "openai"),
     "stt.compute_type": ("int8", "int8_float32", "float32", "int16"),
+    "turn.detection": ("model", "vad"),
 }
 
 # (lowest, highest) allowed, inclusive.
@@ -228,6 +237,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "stt.max_utterance_s": (5, 120),
     "turn.min_endpointing_delay_s": (0, 10),
     "turn.max_endpointing_delay_s": (0, 30),
+    "turn.model_threshold": (0, 1),
     "llm.max_tokens": (1, 8192),
     "guardrails.max_input_chars": (100, 100_000),
     "llm.temperature": (0, 2),

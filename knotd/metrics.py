@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_late
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from knotd import __version__
+from knotd.conversation.turns import TURN_ENDINGS as TURN_ENDING_KINDS
 
 if TYPE_CHECKING:
     from knotd.bridge import TaskFailure
@@ -30,6 +31,7 @@ GUARD_DIRECTIONS = ("input", "output")
 TASK_OUTCOMES = ("ok", "failed", "cancelled")
 SESSION_OUTCOMES = ("completed", "disconnected", "error", "drained", "interrupted", "crashed")
 SPECULATIVE_RESULTS = ("used", "discarded", "skipped")
+TURN_DETECTIONS = ("model", "vad")
 STT_DROP_REASONS = ("echo", "no_speech", "repetition")
 
 STAGE_DURATION = Histogram(
@@ -49,6 +51,18 @@ STT_SPECULATIVE = Counter(
     "Transcriptions started at the user's first pause before the turn ended: used as the turn's transcript, "
     "discarded because the user went on speaking, or skipped because a discarded one was still running.",
     ["result"],
+)
+TURN_ENDINGS = Counter(
+    "knotd_turn_endings_total",
+    "User turns by what ended them: model (the end-of-turn model said done, min delay), max_delay (it said "
+    "not done, the caller stayed silent), min_delay (no prediction in time), vad (VAD endpointing).",
+    ["how"],
+)
+TURN_CUTOFFS = Counter(
+    "knotd_turn_cutoffs_total",
+    "Agent answers the caller talked into within 1 s of their start (the turn probably ended too early), "
+    "by turn detection (model, vad).",
+    ["detection"],
 )
 STT_DROPPED = Counter(
     "knotd_stt_dropped_total",
@@ -121,6 +135,10 @@ def initialise(max_sessions: int) -> None:
         SESSIONS.labels(outcome=outcome)
     for result in SPECULATIVE_RESULTS:
         STT_SPECULATIVE.labels(result=result)
+    for how in TURN_ENDING_KINDS:
+        TURN_ENDINGS.labels(how=how)
+    for detection in TURN_DETECTIONS:
+        TURN_CUTOFFS.labels(detection=detection)
     for reason in STT_DROP_REASONS:
         STT_DROPPED.labels(reason=reason)
 
@@ -173,6 +191,12 @@ class MetricsObserver:
 
     def turn_completed(self, session_id: str, components: Mapping[str, float]) -> None:
         observe_turn(components)
+
+    def turn_ended(self, session_id: str, how: str) -> None:
+        TURN_ENDINGS.labels(how=how).inc()
+
+    def turn_cut_off(self, session_id: str, detection: str) -> None:
+        TURN_CUTOFFS.labels(detection=detection).inc()
 
     def guard_verdict(self, session_id: str, direction: str, verdict: Verdict) -> None:
         record_guardrail_verdict(direction, verdict)

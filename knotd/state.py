@@ -57,6 +57,8 @@ class DaemonState(SessionObserver):
     guardrail_hits: collections.Counter[str] = field(default_factory=collections.Counter)
     journal_problem: str | None = None  # sessions.jsonl cannot be written: path and error
     journal_pending: int = 0
+    turn_endings: collections.Counter[str] = field(default_factory=collections.Counter)
+    turn_cutoffs: collections.Counter[str] = field(default_factory=collections.Counter)
     version: int = 0
 
     def __post_init__(self) -> None:
@@ -157,6 +159,16 @@ class DaemonState(SessionObserver):
                 info.last_e2e_s = components.get("e2e")
             self._touch()
 
+    def turn_ended(self, session_id: str, how: str) -> None:
+        with self._lock:
+            self.turn_endings[how] += 1
+            self._touch()
+
+    def turn_cut_off(self, session_id: str, detection: str) -> None:
+        with self._lock:
+            self.turn_cutoffs[detection] += 1
+            self._touch()
+
     def guard_verdict(self, session_id: str, direction: str, verdict: Verdict) -> None:
         if verdict.allowed:
             return
@@ -209,4 +221,6 @@ class DaemonState(SessionObserver):
                 stages=tuple(stages.recent(40)),
                 journal_problem=self.journal_problem,
                 journal_pending=self.journal_pending,
+                turn_endings=dict(self.turn_endings),
+                turn_cutoffs=dict(self.turn_cutoffs),
             )

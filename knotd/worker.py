@@ -40,8 +40,9 @@ def build_server(
     it is left the last slot of ``max_sessions = 4`` unused (3 / 4 = 0.75): the fourth caller got no agent.
     So knotd reports ``load × livekit.target_load`` and is full (WS_FULL) exactly at ``max_sessions``.
     """
-    # knotd brings its own Silero VAD and uses VAD endpointing: livekit's local turn-detector weights
-    # (~244 MB) would be preloaded into this process for nothing.
+    # knotd loads the end-of-turn model itself, once, timed and self-tested (knotd.speech.turn_model), and
+    # brings its own Silero VAD: livekit's preload would load its local VAD for nothing and the end-of-turn
+    # weights outside knotd's model stage (and with detection = "vad", for nothing).
     os.environ.setdefault("LIVEKIT_AGENTS_PRELOAD_LOCAL_INFERENCE", "0")
     worker = settings.worker
     max_sessions = worker.max_sessions

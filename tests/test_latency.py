@@ -22,7 +22,7 @@ from knotd.agent.local_session import converse
 from knotd.agent.session import AgentResources
 from knotd.agent.stt import WhisperSTT
 from knotd.bootstrap import session_observers
-from knotd.config import Settings, SttSettings
+from knotd.config import Settings, SttSettings, TurnSettings
 from knotd.speech.models import load_models
 from knotd.state import DaemonState
 from tests.audio import cached_clip, contains_words, have_model_packages, have_speech_tools, read_wav
@@ -162,8 +162,9 @@ async def test_speech_cut_off_by_the_end_of_input_is_still_transcribed(models, s
 
 
 # -- whole sessions ----------------------------------------------------------------------------------------
-async def talk(models, model_dir, tmp_path, stt: SttSettings, *utterances: np.ndarray):
-    settings = Settings(stt=stt)
+async def talk(models, model_dir, tmp_path, stt: SttSettings, *utterances: np.ndarray, detection: str = "vad"):
+    # VAD endpointing unless asked: these pauses are chosen against the VAD's 0.55 s of silence.
+    settings = Settings(stt=stt, turn=TurnSettings(detection=detection))
     settings = dataclasses.replace(settings, session=dataclasses.replace(
         settings.session, state_dir=str(tmp_path / "state")))
     state = DaemonState()
@@ -175,13 +176,15 @@ async def talk(models, model_dir, tmp_path, stt: SttSettings, *utterances: np.nd
     return result, said
 
 
+@pytest.mark.parametrize("detection", ["vad", "model"])
 async def test_a_spoken_turn_uses_the_speculative_transcript_and_its_latency_breakdown_adds_up(
-        models, model_dir, tmp_path, stt_settings):
+        models, model_dir, tmp_path, stt_settings, detection):
     used = speculative("used")
 
     result, said = await talk(models, model_dir, tmp_path, stt_settings,
-                              speech("Ja, ich bin einverstanden und möchte anfangen."))
+                              speech("Ja, ich bin einverstanden und möchte anfangen."), detection=detection)
 
+    assert result.conversation.detection == detection  # the end-of-turn model loaded with the other models
     assert result.conversation.session.stt.capabilities.streaming
     user = [text for role, text in said if role == "user"]
     assert len(user) == 1 and contains_words(user[0], ("möchte", "anfangen")), user

@@ -528,6 +528,7 @@ async def test_session_panels_show_numbers_after_a_real_demo_session(model_dir, 
             assert any(0 <= v <= 1 for v in await values("Guardrail hit ratio by rule"))  # checks ran
             assert await values("Bridged tasks in flight")
             assert sum(await values("Finished sessions by outcome")) > 0
+            assert sum(await values("How turns ended")) > 0  # every answered turn is counted by its ending
         finally:
             if demo.returncode is None:
                 demo.kill()

@@ -217,6 +217,22 @@ async def test_page_shows_sessions_turns_guardrails_failures(client, state):
     assert re.search(r'data-label="Guardrail hits">3<', html)
 
 
+async def test_page_and_api_show_how_turns_ended_and_cut_offs(client, state):
+    state.set_lifecycle(Lifecycle.READY, "ready")
+    state.session_started("s1", "werkstatt-2", "greeting")
+    for how in ("model", "model", "max_delay", "vad"):
+        state.turn_ended("s1", how)
+    state.turn_cut_off("s1", "model")
+    state.turn_completed("s1", {"eou": 0.3, "e2e": 0.45})
+
+    text = visible_text(await page_text(client))
+    assert re.search(r"Turns ended by:\s*model 2 · max delay 1 · vad 1\.", text), text
+    assert "Cut off: 1 answer the caller talked into within 1 s." in text
+    document = await (await client.get("/api/status")).json()
+    assert document["turn_endings"] == {"model": 2, "max_delay": 1, "vad": 1}
+    assert document["turn_cutoffs"] == {"model": 1}
+
+
 async def test_finished_sessions_show_the_answers_as_the_record_keeps_them(client, state):
     """With transcripts allowed the summary keeps normalised answers and the page shows them; without, the page
     shows only whether each answer was understood."""

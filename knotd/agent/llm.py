@@ -9,8 +9,9 @@
   and the session carries on.
 - ``build_llm()`` picks between them from ``Settings.llm``.
 
-``livekit.plugins.openai`` registers itself at import and livekit only allows that on the main thread, so
-this module must be imported on the main thread (the daemon does, before the worker starts jobs).
+``livekit.plugins.openai`` registers itself at import and livekit only allows that on the main thread:
+``knotd.agent.register_plugins(settings)`` imports it there when an endpoint is configured (it costs ≈ 1 s of
+start-up on 2 cores, so the scripted default never imports it).
 
 What this module does not do: guardrails (the session's ``Agent.llm_node`` wrapper checks this output),
 tool calls (the Knotencheck script has none), or choosing a model.
@@ -26,7 +27,6 @@ from typing import Any, ClassVar
 import structlog
 from livekit.agents import APIConnectionError, APIError, APIStatusError, APITimeoutError, llm, utils
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
-from livekit.plugins import openai as lk_openai
 
 from knotd import metrics
 from knotd.config import LlmSettings
@@ -361,6 +361,8 @@ def build_llm(settings: LlmSettings, machine: PhaseMachine) -> llm.LLM:
     wrapped in ``FallbackOnError``. Cheap: call it once per session."""
     if not settings.base_url:
         return ScriptedLLM(machine)
+    from livekit.plugins import openai as lk_openai  # registered on the main thread by register_plugins()
+
     endpoint = lk_openai.LLM(
         model=settings.model,
         base_url=settings.base_url,

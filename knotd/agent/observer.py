@@ -28,6 +28,12 @@ class SessionObserver(Protocol):
     def turn_completed(self, session_id: str, components: Mapping[str, float]) -> None:
         """A user turn was answered; ``components`` are its latencies in seconds (eou, stt, ..., e2e)."""
 
+    def turn_ended(self, session_id: str, how: str) -> None:
+        """A user turn was committed; ``how`` is one of ``knotd.conversation.turns.TURN_ENDINGS``."""
+
+    def turn_cut_off(self, session_id: str, detection: str) -> None:
+        """The caller spoke again within 1 s of the agent starting its answer (``detection``: model or vad)."""
+
     def guard_verdict(self, session_id: str, direction: str, verdict: Verdict) -> None:
         """Every guardrail check (``direction`` input or output); ``verdict.allowed`` is False on a hit."""
 
@@ -60,6 +66,14 @@ class Observers(SessionObserver):
     def turn_completed(self, session_id: str, components: Mapping[str, float]) -> None:
         for o in self.observers:
             o.turn_completed(session_id, components)
+
+    def turn_ended(self, session_id: str, how: str) -> None:
+        for o in self.observers:
+            o.turn_ended(session_id, how)
+
+    def turn_cut_off(self, session_id: str, detection: str) -> None:
+        for o in self.observers:
+            o.turn_cut_off(session_id, detection)
 
     def guard_verdict(self, session_id: str, direction: str, verdict: Verdict) -> None:
         for o in self.observers:

@@ -28,13 +28,14 @@ from livekit.agents.voice import io as voice_io
 from knotd import stages
 from knotd.agent.llm import latest_user_message
 from knotd.agent.observer import SessionObserver
-from knotd.agent.stt import WhisperSTT
+from knotd.agent.stt import WhisperSTT, speculative_vad
+from knotd.agent.turn_detector import MODEL_VAD_SILENCE_S, EndOfTurnDetector
 from knotd.bridge import TaskBridge
 from knotd.config import Settings
 from knotd.conversation.guardrails import Guardrail, SessionGuard, Verdict, guard_llm_output
 from knotd.conversation.phases import WIRE_TOPIC, PhaseChange, PhaseMachine, PhaseScript
 from knotd.conversation.summary import SessionSummary, TranscriptLine, latency_summary
-from knotd.conversation.turns import TurnObserver
+from knotd.conversation.turns import CutoffWatch, TurnObserver
 from knotd.speech.models import SharedModels
 from knotd.stages import stage
 
@@ -186,20 +187,31 @@ class KnotencheckSession:
         self._finished: SessionSummary | None = None
         self._closed = asyncio.Event()
         self._finish_lock = asyncio.Lock()
+        turn = settings.turn
+        models = resources.models
+        self.detector: EndOfTurnDetector | None = None
+        vad, release_silence_s = models.vad, None
+        if turn.detection == "model" and models.turn_model:
+            self.detector = EndOfTurnDetector(settings.stt.language, turn.model_threshold)
+            # The VAD ends speech early and the model decides; the speculative transcript is handed over when
+            # livekit flushes at its decision (never by itself before max_delay).
+            vad = speculative_vad(models.vad, MODEL_VAD_SILENCE_S)
+            release_silence_s = turn.max_endpointing_delay_s
+        self.detection = "model" if self.detector is not None else "vad"
+        self.cutoffs = CutoffWatch(lambda: observer.turn_cut_off(session_id, self.detection))
         with stage("stt_init", shared=True):
-            stt = WhisperSTT(resources.models.whisper, settings.stt, vad=resources.models.vad,
+            stt = WhisperSTT(models.whisper, settings.stt, vad=vad, release_silence_s=release_silence_s,
                              prompt=self.recognition_prompt if settings.stt.context else None)
         with stage("llm_init"):
             self.llm = build_llm(settings.llm, self.machine)
         self.tts = build_tts(settings.tts)  # times itself as the tts_init stage
-        turn = settings.turn
         self.session: AgentSession = AgentSession(
             stt=stt,
-            vad=resources.models.vad,
+            vad=vad,
             llm=self.llm,
             tts=self.tts,
             turn_handling={
-                "turn_detection": "vad",
+                "turn_detection": self.detector if self.detector is not None else "vad",
                 "endpointing": {
                     "min_delay": turn.min_endpointing_delay_s,
                     "max_delay": turn.max_endpointing_delay_s,
@@ -220,6 +232,8 @@ class KnotencheckSession:
     def _register_handlers(self) -> None:
         b, s = self.bridge, self.session
         s.on("conversation_item_added", self._on_item_added)  # sync bookkeeping only
+        s.on("agent_state_changed", self._on_agent_state)
+        s.on("user_state_changed", self._on_user_state)
         b.on(s, "user_input_transcribed", self._on_user_input_transcribed)
         b.on(s, "speech_created", self._on_speech_created)
         b.on(s, "close", self._on_close)
@@ -255,11 +269,22 @@ class KnotencheckSession:
         role = getattr(item, "role", None)
         if role is None:
             return
+        if role == "user":
+            ending = self.detector.decision().ending if self.detector is not None else "vad"
+            self.observer.turn_ended(self.session_id, ending)
         self.turns.on_message(role, getattr(item, "metrics", None))
         if role == "assistant" and item.text_content:
             self.agent_line = item.text_content
         if self.resources.settings.session.record_transcripts and role in ("user", "assistant"):
             self.transcript.append(TranscriptLine(role, item.text_content or "", time.time()))
+
+    def _on_agent_state(self, event: Any) -> None:
+        if event.new_state == "speaking":
+            self.cutoffs.agent_speaking(event.created_at)
+
+    def _on_user_state(self, event: Any) -> None:
+        if event.new_state == "speaking":
+            self.cutoffs.user_speaking(event.created_at)
 
     async def _on_user_input_transcribed(self, event: Any) -> None:
         if event.is_final:
@@ -393,4 +418,6 @@ def describe_models(models: SharedModels) -> str:
     stt = models.transcriber.settings
     guard = models.guardrail
     encoder = f", guardrails + {guard.semantic.encoder.name}" if guard is not None and guard.semantic else ""
-    return f"whisper {Path(stt.model).name} ({stt.compute_type}, {stt.num_workers} workers), silero vad{encoder}"
+    turns = "end-of-turn model" if models.turn_model else "vad endpointing"
+    return (f"whisper {Path(stt.model).name} ({stt.compute_type}, {stt.num_workers} workers), silero vad, "
+            f"{turns}{encoder}")

@@ -100,7 +100,8 @@ class WhisperSTT(stt.STT):
     """livekit STT around a shared WhisperModel: streaming and speculative when given a VAD, else not."""
 
     def __init__(self, model: WhisperModel, settings: SttSettings, *, vad: lk_vad.VAD | None = None,
-                 model_name: str | None = None, prompt: Callable[[], str | None] | None = None) -> None:
+                 model_name: str | None = None, prompt: Callable[[], str | None] | None = None,
+                 release_silence_s: float | None = None) -> None:
         """Cheap: builds views on the already loaded `model`.
 
         Args:
@@ -109,6 +110,8 @@ class WhisperSTT(stt.STT):
             model_name: reported in livekit's STT metrics; defaults to the model directory's name.
             prompt: the session's recognition context for the next utterance (called on the event loop
                 as each transcription starts); None: no context.
+            release_silence_s: hand a held transcript over unasked after this much silence; default: the
+                session VAD's silence. With the end-of-turn model livekit flushes when the model decides.
         """
         self._prompt = prompt
         self._spec_vad: lk_vad.VAD | None = None
@@ -116,7 +119,7 @@ class WhisperSTT(stt.STT):
         if vad is not None and settings.speculative:
             self._spec_vad = speculative_vad(vad, settings.speculative_silence_s)
             # Hand a held transcript over unasked once the user was as long silent as the session's VAD needs.
-            self._release_silence_s = float(getattr(vad, "min_silence_duration", None) or 0.55)
+            self._release_silence_s = release_silence_s or float(getattr(vad, "min_silence_duration", None) or 0.55)
         super().__init__(capabilities=stt.STTCapabilities(
             streaming=self._spec_vad is not None, interim_results=False,
             manual_flush=self._spec_vad is not None,

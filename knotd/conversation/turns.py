@@ -61,3 +61,49 @@ def _pick(report: dict[str, Any], mapping: dict[str, str]) -> dict[str, float]:
         if isinstance(value, (int, float)) and value >= 0:
             out[component] = float(value)
     return out
+
+
+# How a user turn ended (``knotd_turn_endings_total{how}``): the model said "done" and min_delay passed;
+# the model said "not done" and max_delay passed; the model gave no answer in time (min_delay); or the
+# VAD's silence ended it (detection "vad", or the model is unavailable).
+TURN_ENDINGS = ("model", "max_delay", "min_delay", "vad")
+# The caller resumed speaking this soon after the agent began answering: the turn was ended too early.
+CUTOFF_WINDOW_S = 1.0
+
+
+class TurnDecision:
+    """The end-of-turn model's answer for the pause that ended a turn."""
+
+    __slots__ = ("probability", "threshold")
+
+    def __init__(self, probability: float | None, threshold: float | None) -> None:
+        self.probability, self.threshold = probability, threshold
+
+    @property
+    def ending(self) -> str:
+        """One of ``TURN_ENDINGS`` (never ``vad``: a decision exists only with the model)."""
+        if self.probability is None or self.threshold is None:
+            return "min_delay"
+        return "model" if self.probability >= self.threshold else "max_delay"
+
+
+class CutoffWatch:
+    """Counts answers the caller talked into within ``CUTOFF_WINDOW_S`` of their start.
+
+    Feed it the agent's and the user's state changes with their times (seconds, any one clock).
+
+    Args:
+        on_cutoff: called once per such answer.
+    """
+
+    def __init__(self, on_cutoff: Callable[[], None]) -> None:
+        self._on_cutoff = on_cutoff
+        self._answer_started: float | None = None
+
+    def agent_speaking(self, at: float) -> None:
+        self._answer_started = at
+
+    def user_speaking(self, at: float) -> None:
+        started, self._answer_started = self._answer_started, None
+        if started is not None and 0 <= at - started <= CUTOFF_WINDOW_S:
+            self._on_cutoff()

@@ -242,11 +242,14 @@ class SharedModels:
         vad: Silero VAD; each session opens its own stream on it.
         transcriber: the sized-window transcription of `whisper` with the daemon's STT settings.
         guardrail: the configured rules with the semantic layer loaded (None: sessions load the rules alone).
+        turn_model: whether LiveKit's local end-of-turn model is loaded and passed its self-test (only
+            tried with ``turn.detection = "model"``); without it sessions end turns with the VAD.
     """
 
     whisper: WhisperModel
     vad: VAD
     transcriber: WhisperTranscriber
+    turn_model: bool = False
     guardrail: Guardrail | None = None
 
 
@@ -300,27 +303,12 @@ def load_whisper(settings: Settings) -> WhisperTranscriber:
 
 def start_whisper_load(settings: Settings) -> Future[WhisperTranscriber]:
     """Run ``load_whisper`` in a background thread now; the future holds the transcriber or the ModelError."""
-    return _start_in_thread(load_whisper, settings, "knotd-whisper-load")
+    return _in_thread(lambda: load_whisper(settings), "knotd-whisper-load")
 
 
 def start_guardrail_load(settings: Settings) -> Future[Guardrail]:
     """Run ``load_guardrail`` in a background thread now, so the encoder is in before the worker registers."""
-    return _start_in_thread(load_guardrail, settings, "knotd-guard-load")
-
-
-def _start_in_thread(load: Callable[[Settings], Any], settings: Settings, name: str) -> Future[Any]:
-    future: Future[Any] = Future()
-
-    def run() -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        try:
-            future.set_result(load(settings))
-        except BaseException as err:  # handed to whoever waits on the future
-            future.set_exception(err)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return future
+    return _in_thread(lambda: load_guardrail(settings), "knotd-guard-load")
 
 
 def load_vad() -> VAD:
@@ -333,8 +321,11 @@ def load_vad() -> VAD:
 
 def load_models(settings: Settings, whisper: Future[WhisperTranscriber] | None = None,
                 guardrail: Future[Guardrail] | None = None) -> SharedModels:
-    """Load the guardrails and Whisper (or wait for ``guardrail`` / ``whisper``, loads already started) and
-    Silero VAD; blocks.
+    """Load the guardrails and Whisper (or wait for ``guardrail`` / ``whisper``, loads already started),
+    Silero VAD and, with ``turn.detection = "model"``, the end-of-turn model (in a thread, beside the
+    others); blocks.
+
+    The end-of-turn model is optional: if it fails, ``turn_model`` is False (see ``knotd.speech.turn_model``).
 
     From a thread, call ``knotd.agent.register_plugins()`` on the main thread first (livekit plugins register
     only there).
@@ -342,9 +333,47 @@ def load_models(settings: Settings, whisper: Future[WhisperTranscriber] | None =
     Raises:
         ModelError: see ``load_whisper`` and ``load_guardrail``. ConfigError: a bad rules file.
     """
+    turn_model = start_turn_model_load(settings)
     guard = guardrail.result() if guardrail is not None else load_guardrail(settings)
     transcriber = whisper.result() if whisper is not None else load_whisper(settings)
-    return SharedModels(whisper=transcriber.model, vad=load_vad(), transcriber=transcriber, guardrail=guard)
+    vad = load_vad()
+    return SharedModels(whisper=transcriber.model, vad=vad, transcriber=transcriber, guardrail=guard,
+                        turn_model=turn_model.result() if turn_model is not None else False)
+
+
+_turn_model_load: Future[bool] | None = None
+_turn_model_lock = threading.Lock()
+
+
+def start_turn_model_load(settings: Settings) -> Future[bool] | None:
+    """Start loading the end-of-turn model in a thread (once per process: it is a process-wide singleton).
+
+    None with ``turn.detection = "vad"``. The future's result: whether the model is usable.
+    """
+    global _turn_model_load
+    if settings.turn.detection != "model":
+        return None
+    from knotd.speech.turn_model import load_turn_model
+
+    with _turn_model_lock:
+        if _turn_model_load is None or (_turn_model_load.done() and not _turn_model_load.result()):
+            _turn_model_load = _in_thread(load_turn_model, "knotd-eot-load")
+        return _turn_model_load
+
+
+def _in_thread(fn: Callable[[], object], name: str) -> Future:
+    future: Future = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as err:  # handed to whoever waits on the future
+            future.set_exception(err)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def read_selftest_clip(path: Path = SELFTEST_CLIP) -> np.ndarray:

@@ -8,7 +8,7 @@ into JSON (``/api/status``, ``/events``) or a page. ``to_json()`` is the one pla
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from knotd.bridge import TaskFailure
@@ -72,6 +72,9 @@ class StatusSnapshot:
     # in memory, and the error; None when the journal is fine.
     journal_problem: str | None = None
     journal_pending: int = 0
+    # How user turns ended (model, max_delay, min_delay, vad) and answers cut off, by detection (model, vad).
+    turn_endings: Mapping[str, int] = field(default_factory=dict)
+    turn_cutoffs: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def is_demo(self) -> bool:
@@ -95,6 +98,8 @@ class StatusSnapshot:
             "turns": [{"session_id": t.session_id, "at": t.at, "components": dict(t.components)} for t in self.turns],
             "guardrail_hits": dict(self.guardrail_hits),
             "journal": {"problem": self.journal_problem, "pending_records": self.journal_pending},
+            "turn_endings": dict(self.turn_endings),
+            "turn_cutoffs": dict(self.turn_cutoffs),
             "task_failures": [asdict(f) for f in self.task_failures],
             "stages": [asdict(s) for s in self.stages],
         }

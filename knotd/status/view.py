@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from knotd.conversation.summary import SessionSummary
+from knotd.conversation.turns import TURN_ENDINGS
 from knotd.status import charts
 from knotd.status.latency import (
     LatencyHistograms,
@@ -161,6 +162,8 @@ class Page:
     stages: tuple[LatencyRow, ...]
     guardrails: tuple[GuardrailRow, ...]
     failures: tuple[FailureRow, ...]
+    turn_endings: tuple[tuple[str, int], ...] = ()  # (how, turns), in TURN_ENDINGS order
+    cutoffs: int = 0
     goal_s: float = charts.E2E_GOAL_S
     stage_scale: charts.Scale = charts.STAGE_SCALE
     turn_scale: charts.Scale = charts.TURN_SCALE
@@ -193,6 +196,9 @@ def build_page(snapshot: StatusSnapshot, histograms: LatencyHistograms, now: flo
         ),
         stages=_stage_rows(histograms),
         guardrails=_guardrail_rows(snapshot.guardrail_hits),
+        turn_endings=tuple((how, int(snapshot.turn_endings.get(how, 0))) for how in TURN_ENDINGS
+                           if snapshot.turn_endings.get(how)),
+        cutoffs=sum(snapshot.turn_cutoffs.values()),
         failures=tuple(
             FailureRow(f.at, f.handler, f.exception, rooms.get(f.session_id, _short(f.session_id)))
             for f in snapshot.task_failures

@@ -227,6 +227,13 @@ def turn_latency() -> list[Panel]:
                     "[$__rate_interval]))", "{{instance}}"),
               unit="percentunit", height=9, ceiling=1,
               goal=steps((None, "red"), (0.8, "orange"), (0.95, "green"))),
+        graph("How turns ended", "User turns by what ended them: model, max_delay, min_delay, vad.",
+              query(f"sum by (how) (increase(knotd_turn_endings_total{{{SEL}}}[$__rate_interval]))", "{{how}}"),
+              bars=True, stacked=True, integer=True, height=9),
+        graph("Cut-off answers", "Share of turns the caller talked into within 1 s of the answer starting.",
+              query(f"sum by (detection) (rate(knotd_turn_cutoffs_total{{{SEL}}}[$__rate_interval])) / "
+                    f"scalar(sum(rate(knotd_turn_endings_total{{{SEL}}}[$__rate_interval])))", "{{detection}}"),
+              unit="percentunit", height=9, ceiling=1),
     ]
 
 
