@@ -257,13 +257,13 @@ async def test_short_pauses_run_one_speculative_transcription_at_a_time(models, 
     import threading
     lock = threading.Lock()
 
-    def counted(frame, language):
+    def counted(frame, language, prompt=None):
         nonlocal running, most
         with lock:
             running += 1
             most = max(most, running)
         try:
-            return real(frame, language)
+            return real(frame, language, prompt)
         finally:
             with lock:
                 running -= 1
