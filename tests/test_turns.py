@@ -49,8 +49,8 @@ def test_a_caller_talking_into_an_answer_within_a_second_is_one_cutoff():
 
 
 # -- configuration -------------------------------------------------------------------------------------
-def test_turn_detection_defaults_to_the_model_and_rejects_other_values(tmp_path):
-    assert TurnSettings().detection == "model"
+def test_turn_detection_defaults_to_the_vad_and_rejects_other_values(tmp_path):
+    assert TurnSettings().detection == "vad"
     path = tmp_path / "knotd.toml"
     path.write_text('[turn]\ndetection = "stt"\n')
 
