@@ -61,7 +61,7 @@ def speculative(result: str) -> float:
 @pytest.fixture(scope="module")
 def models(model_dir):
     register_plugins()
-    return load_models(Settings(stt=SttSettings(model=str(model_dir))))
+    return load_models(Settings(stt=SttSettings(model=str(model_dir)), turn=TurnSettings(detection="model")))
 
 
 @pytest.fixture
