@@ -177,7 +177,9 @@ class WhisperTranscriber:
         )
         segments = list(segments)
         text = " ".join(segment.text.strip() for segment in segments).strip()
-        no_speech = max((segment.no_speech_prob for segment in segments), default=0.0)
+        # Nothing was said only if no segment heard speech: one quiet segment of a long utterance (a caller cut
+        # at stt.max_utterance_s) must not drop the words of all the others.
+        no_speech = min((segment.no_speech_prob for segment in segments), default=0.0)
         dropped = None
         if prompt is not None and text:
             if not _words(text):  # "…": punctuation only
