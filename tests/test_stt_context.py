@@ -165,8 +165,8 @@ async def test_the_speculative_run_is_transcribed_with_the_sessions_context(scri
     used: list[str | None] = []
     original = stt.transcribe_frames
 
-    async def spy(frames, language, prompt=None):
-        result = await original(frames, language, prompt)
+    async def spy(frames, language, prompt=None, **kwargs):
+        result = await original(frames, language, prompt, **kwargs)
         used.append(result.prompt)
         return result
 
