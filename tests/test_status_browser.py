@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -79,6 +81,12 @@ async def test_page_turns_ready_without_reload_when_the_worker_registers(standin
     standin.set_delay(REGISTRATION_DELAY_S)
     daemon = await start_daemon(standin.url)
     await daemon.wait_http("/healthz", 200, timeout=60)
+    # Open the page once the models are in and knotd is connecting (the models' load time varies with the
+    # machine's load; the registration is held back for REGISTRATION_DELAY_S).
+    deadline = time.monotonic() + 60
+    while json.loads((await daemon.get("/readyz"))[1]).get("state") != "connecting":
+        assert time.monotonic() < deadline, "knotd never reported connecting"
+        await asyncio.sleep(0.1)
     page = await browser.new_page()
     await page.goto(daemon.status_url + "/")
     first_paint = await page.text("status")
