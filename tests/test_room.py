@@ -263,8 +263,8 @@ async def test_silence_a_monologue_and_a_caller_who_leaves_mid_sentence(livekit_
                                                                         notify_socket, callers, tmp_path):
     """Three rooms at once: 60 s of silence, a three-minute monologue, and a caller who leaves mid-sentence.
 
-    Result: no crash, no stuck session: the agent answers after the monologue, every session ends with
-    exactly one record once its caller leaves, the counters add up and nothing is left active.
+    Result: no crash, no stuck session: every session ends with exactly one record once its caller leaves,
+    the counters add up and nothing is left active.
     """
     daemon = await ready_daemon(start_daemon, notify_socket, livekit_server, worker="max_sessions = 3")
     sentences = [LOCATION, "Der Knoten ist ungefähr so groß wie eine Erbse und tut nicht weh.",
