@@ -248,6 +248,19 @@ async def test_an_utterance_longer_than_the_cap_is_cut_and_the_agent_is_told(mod
     assert whisper_stt.take_capped() is False  # told once per cut
 
 
+async def test_a_capped_utterance_is_heard_although_the_session_gives_a_recognition_context(models, stt_settings):
+    """A monologue past the default 30 s cap, with the phase's context as Whisper's prompt: the capped window
+    once came back as "no speech" (prompted Whisper put its no-speech probability near 0.9 on a full window),
+    and the caller heard nothing at all."""
+    assert stt_settings.max_utterance_s == 30.0
+    whisper_stt = WhisperSTT(models.whisper, stt_settings, vad=models.vad,
+                             prompt=lambda: "Wo genau ist der Knoten? Hals, Achsel, Brust, Leiste.")
+    events = await recognise(whisper_stt, speech(*LONG_TALK, *LONG_TALK, pause_s=0.3))
+    text = final_text(events)
+    assert contains_words(text, ("knoten", "hals")), text
+    assert whisper_stt.take_capped() is True
+
+
 async def test_short_pauses_run_one_speculative_transcription_at_a_time(models, stt_settings):
     """92 s with 0.3 s pauses once ran 29 discarded transcriptions side by side; now at most one runs beside
     the one the session waits for."""

@@ -14,7 +14,7 @@ import pytest
 from livekit import rtc
 from prometheus_client import REGISTRY
 
-from knotd import stages
+from knotd import logs, stages
 from knotd.config import ConfigError, Settings, SttSettings, TurnSettings, load_settings
 from knotd.conversation.turns import CutoffWatch, TurnDecision
 from knotd.speech import turn_model
@@ -74,13 +74,14 @@ def test_a_model_that_cannot_load_is_one_warning_and_an_error_stage(monkeypatch,
     # What a CPU or libc the native module was not built for looks like: the import fails.
     monkeypatch.setitem(sys.modules, "livekit.local_inference", None)
     errors_before = sample("knotd_stage_duration_seconds_count", {"stage": "eot_load", "status": "error"})
+    logs.configure("info", "console")  # what `knotd run` sets up: one line per event on stderr
     capsys.readouterr()
 
     assert turn_model.load_turn_model() is False
 
     assert sample("knotd_stage_duration_seconds_count",
                   {"stage": "eot_load", "status": "error"}) == errors_before + 1
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1
     assert "warning" in lines[0] and "stage=eot_load" in lines[0] and "fallback=vad" in lines[0]
     assert "livekit-local-inference cannot be imported" in lines[0]

@@ -307,7 +307,10 @@ class KnotencheckSession:
         reason = getattr(getattr(event, "reason", None), "value", str(getattr(event, "reason", "")))
         if getattr(event, "error", None) is not None:
             outcome = "error"
-        elif reason == "job_shutdown":
+        elif reason in ("job_shutdown", "user_initiated"):
+            # The job is ending under the session (the worker's drain bound, a closed room): livekit closes the
+            # primary session itself ("user_initiated") before the shutdown callbacks run; knotd's own close
+            # comes only after finish().
             outcome = self._shutdown_outcome()
         elif self.machine.is_finished:
             outcome = "completed"
@@ -407,10 +410,17 @@ def make_entrypoint(resources: AgentResources, observer: SessionObserver) -> Any
             await conversation.aclose("error")
             ctx.shutdown(reason="session start failed")
             return
-        await conversation.wait_closed()
-        ctx.shutdown(reason="session closed")
+        # The entrypoint returns once the session runs: livekit's job shutdown waits up to 15 s for a running
+        # entrypoint before it closes the session, which would stretch every drain bound by those 15 s.
+        conversation.bridge.spawn("job_shutdown", _shutdown_when_closed(conversation, ctx))
 
     return entrypoint
+
+
+async def _shutdown_when_closed(conversation: KnotencheckSession, ctx: JobContext) -> None:
+    """End the job (leave the room, free the slot) once the conversation has finished."""
+    await conversation.wait_closed()
+    ctx.shutdown(reason="session closed")
 
 
 def describe_models(models: SharedModels) -> str:

@@ -353,7 +353,9 @@ class SpeculativeStream(stt.RecognizeStream):
         log.warning("stt_utterance_capped", max_utterance_s=self._max_utterance_s)
         self._owner._capped += 1
         if self._held is None and self._utterance:
-            self._held = self._transcribe(self._utterance, time.time(), speculative=False)
+            # Without the recognition context: on a full 30 s window prompted Whisper reports a no-speech
+            # probability near 0.9 for real speech, and the echo guard would drop the whole monologue.
+            self._held = self._transcribe(self._utterance, time.time(), speculative=False, prompted=False)
         if self._held is not None:
             self._release()
         self._capped = True
@@ -402,7 +404,7 @@ class SpeculativeStream(stt.RecognizeStream):
         self._released.put_nowait(held)
 
     def _transcribe(self, frames: list[rtc.AudioFrame], speech_end_time: float, *,
-                    speculative: bool) -> _Transcription:
+                    speculative: bool, prompted: bool = True) -> _Transcription:
         submitted = None
         if speculative:
             loop = asyncio.get_running_loop()
@@ -411,8 +413,8 @@ class SpeculativeStream(stt.RecognizeStream):
                 self._spec_threads += 1
                 work.add_done_callback(lambda _w: _call_soon(loop, self._speculative_thread_done))
 
-        task = asyncio.create_task(self._owner.transcribe_frames(frames, self._language, self._owner.current_prompt(),
-                                                                    submitted=submitted),
+        prompt = self._owner.current_prompt() if prompted else None
+        task = asyncio.create_task(self._owner.transcribe_frames(frames, self._language, prompt, submitted=submitted),
                                    name="knotd_stt_transcribe")
         return _Transcription(task, sum(f.duration for f in frames), speech_end_time, speculative)
 
