@@ -191,3 +191,40 @@ class TaskBridge:
                 handlers=sorted({t.get_name().removeprefix("knotd:") for t in still}),
             )
         return DrainResult(len(done), len(still))
+
+
+class Signal:
+    """A one-shot event set from any thread and awaited on any loop (the daemon's main loop tells the job
+    threads' loops, e.g. that the drain bound has passed). Waiters register and unregister, so a daemon that
+    runs sessions for months keeps no callback per session."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._set = False
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._lock:
+            self._set = True
+            waiters, self._waiters = self._waiters, set()
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass  # that loop is closed: nobody waits there any more
+
+    async def wait(self) -> None:
+        event = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), event)
+        with self._lock:
+            if self._set:
+                return
+            self._waiters.add(waiter)
+        try:
+            await event.wait()
+        finally:
+            with self._lock:
+                self._waiters.discard(waiter)

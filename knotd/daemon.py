@@ -29,6 +29,7 @@ from aiohttp import web
 
 from knotd import metrics
 from knotd.bootstrap import Bootstrap
+from knotd.bridge import Signal
 from knotd.config import Settings
 from knotd.errors import KnotdError, WorkerError
 from knotd.lifecycle import Facts, Lifecycle
@@ -66,6 +67,7 @@ class Daemon:
         self._entrypoint: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._sent_ready = False
         self._server: Any = None
+        self._drain_expired = Signal()  # sessions still joining their room give up once it is set
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -92,7 +94,7 @@ class Daemon:
         from knotd.agent.session import make_entrypoint
 
         resources = await self.boot.load_resources()
-        self._entrypoint.set_result(make_entrypoint(resources, self.boot.observers))
+        self._entrypoint.set_result(make_entrypoint(resources, self.boot.observers, self._drain_expired))
         if self._stop.is_set():
             return
         self.facts.models_loaded = True
@@ -152,6 +154,7 @@ class Daemon:
                 await server.drain(timeout=int(timeout))
         except TimeoutError:
             log.warning("drain_timed_out", timeout_s=timeout, sessions=len(self.state.sessions))
+            self._drain_expired.set()
         with stage("worker_close"):
             await server.aclose()
             await asyncio.gather(run_task, return_exceptions=True)

@@ -11,7 +11,7 @@ from livekit import rtc
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-from knotd.bridge import TaskBridge
+from knotd.bridge import Signal, TaskBridge
 
 
 def count(handler: str, outcome: str) -> float:
@@ -172,3 +172,40 @@ async def test_an_exception_storm_is_counted_whole_logged_rarely_and_the_session
     assert count("storm", "failed") == before + 500 and bridge.failures == 500
     assert len([e for e in logs if e["event"] == "bridge_task_failed"]) == 1
     assert inflight("storm") == 0 and bridge.inflight == 0
+
+
+def test_a_signal_set_on_one_thread_wakes_waiters_on_other_loops_and_keeps_no_finished_waiter():
+    signal = Signal()
+    woke: list[str] = []
+    waiting = threading.Barrier(3)
+
+    def job_thread(name: str) -> None:
+        async def run() -> None:
+            task = asyncio.ensure_future(signal.wait())
+            await asyncio.sleep(0)  # registered
+            waiting.wait()
+            await task
+            woke.append(name)
+        asyncio.run(run())
+
+    async def gives_up() -> None:  # a session that started before the signal: it stops waiting
+        task = asyncio.ensure_future(signal.wait())
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(gives_up())
+    assert not signal._waiters
+    threads = [threading.Thread(target=job_thread, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    waiting.wait()
+    signal.set()
+    for t in threads:
+        t.join(timeout=10)
+    assert sorted(woke) == ["a", "b"]
+    assert not signal._waiters
+
+    async def late() -> None:  # set before anyone waits: returns at once
+        await asyncio.wait_for(signal.wait(), 5)
+    asyncio.run(late())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from knotd.agent.llm import latest_user_message
 from knotd.agent.observer import SessionObserver
 from knotd.agent.stt import WhisperSTT, speculative_vad
 from knotd.agent.turn_detector import MODEL_VAD_SILENCE_S, EndOfTurnDetector
-from knotd.bridge import TaskBridge
+from knotd.bridge import Signal, TaskBridge
 from knotd.config import Settings
 from knotd.conversation.guardrails import Guardrail, SessionGuard, Verdict, guard_llm_output
 from knotd.conversation.phases import WIRE_TOPIC, PhaseChange, PhaseMachine, PhaseScript
@@ -390,8 +390,15 @@ class KnotencheckSession:
         return summary
 
 
-def make_entrypoint(resources: AgentResources, observer: SessionObserver) -> Any:
-    """The LiveKit job entrypoint; runs in a job thread with its own event loop."""
+def make_entrypoint(resources: AgentResources, observer: SessionObserver, drain_expired: Signal | None = None) -> Any:
+    """The LiveKit job entrypoint; runs in a job thread with its own event loop.
+
+    Args:
+        drain_expired: set by the daemon when its drain bound has passed; a session still joining its room
+            then gives up at once (outcome ``drained``) instead of holding the stop for the rest of
+            ``session.start_timeout_s``.
+    """
+    cut = drain_expired or Signal()
 
     async def entrypoint(ctx: JobContext) -> None:
         conversation = KnotencheckSession(resources, observer, ctx.job.id, ctx.job.room.name)
@@ -399,12 +406,18 @@ def make_entrypoint(resources: AgentResources, observer: SessionObserver) -> Any
         async def on_shutdown(reason: str = "") -> None:
             await conversation.aclose(conversation._shutdown_outcome())
 
+        async def join_and_start() -> None:
+            await ctx.connect()
+            await conversation.start(room=ctx.room)
+
         ctx.add_shutdown_callback(on_shutdown)
         try:
             async with stage("session_start"):
                 async with asyncio.timeout(resources.settings.session.start_timeout_s):
-                    await ctx.connect()
-                    await conversation.start(room=ctx.room)
+                    if not await _unless(cut, join_and_start()):
+                        await conversation.aclose("drained")
+                        ctx.shutdown(reason="drain bound passed while the session was starting")
+                        return
         except Exception as err:
             log.error("session_start_failed", session_id=conversation.session_id, error=type(err).__name__)
             await conversation.aclose("error")
@@ -415,6 +428,23 @@ def make_entrypoint(resources: AgentResources, observer: SessionObserver) -> Any
         conversation.bridge.spawn("job_shutdown", _shutdown_when_closed(conversation, ctx))
 
     return entrypoint
+
+
+async def _unless(signal: Signal, work: Coroutine[Any, Any, None]) -> bool:
+    """Run ``work`` unless ``signal`` is set first (then cancel it): whether ``work`` completed."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(signal.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # its error, if any, is the start's
+    return True
 
 
 async def _shutdown_when_closed(conversation: KnotencheckSession, ctx: JobContext) -> None:
