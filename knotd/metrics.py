@@ -120,6 +120,12 @@ LIVEKIT_FFI_PANICS = Counter(
     "knotd_livekit_ffi_panics_total",
     "Panics of the livekit rtc SDK's native core; each makes knotd drain and exit 1 for a restart.",
 )
+SD_NOTIFY_DROPPED = Counter(
+    "knotd_sd_notify_dropped_total",
+    "sd_notify messages not delivered (error: BlockingIOError when systemd's queue is full, "
+    "FileNotFoundError or ConnectionRefusedError when it is gone); never waited for.",
+    ["error"],
+)
 MAX_SESSIONS = Gauge("knotd_sessions_max", "Configured session capacity of this worker (worker.max_sessions).")
 BUILD_INFO = Gauge("knotd_build_info", "Always 1; the label carries the knotd version.", ["version"])
 

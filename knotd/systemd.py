@@ -6,7 +6,10 @@ with a bare ``except:`` and ships only an sdist. libsystemd's own approach is sm
 ``AF_UNIX``/``SOCK_DGRAM`` socket per message, a leading ``@`` meaning the abstract namespace.
 
 The notifier never raises to its caller: systemd being gone must not take the daemon down. A failed send
-is logged once per kind of error. ``Ticker`` sends the periodic messages from the main loop: ``WATCHDOG=1``,
+is logged once per kind of error. It never blocks either: it runs on the event loop, and a datagram socket
+whose reader has fallen behind (its queue holds `net.unix.max_dgram_qlen` messages, 10 by default) blocks a
+plain send — that froze a daemon's whole loop, its LiveKit worker included, in a test whose reader paused;
+such a message is dropped and counted in `knotd_sd_notify_dropped_total`. ``Ticker`` sends the periodic messages from the main loop: ``WATCHDOG=1``,
 and ``EXTEND_TIMEOUT_USEC=`` while the daemon drains, so the unit's ``TimeoutStopSec`` needs no step with
 ``drain_timeout_s`` (the drain bounds itself; a wedged loop stops the extensions and systemd's timeout wins).
 """
@@ -20,6 +23,8 @@ import time
 from collections.abc import MutableMapping
 
 import structlog
+
+from knotd import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -70,10 +75,11 @@ class Notifier:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
                 sock.connect(self._address)
-                sock.sendall(payload)
+                sock.send(payload, socket.MSG_DONTWAIT)
             return True
         except OSError as err:
             kind = type(err).__name__
+            metrics.SD_NOTIFY_DROPPED.labels(error=kind).inc()
             if kind not in self._warned:
                 self._warned.add(kind)
                 log.warning("sd_notify_failed", error=kind, errno=err.errno)

@@ -10,6 +10,7 @@ import socket
 import struct
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,21 +48,30 @@ class NotifyMessage:
 
 
 class NotifySocket:
-    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET; records sender PIDs."""
+    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET; records sender PIDs.
+
+    A reader thread takes every datagram as it arrives, as systemd does: the socket's queue holds only
+    net.unix.max_dgram_qlen (10) messages, and knotd drops what does not fit rather than wait.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = str(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.sock.setblocking(False)
+        self.sock.settimeout(0.1)
         self.messages: list[NotifyMessage] = []
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="notify-socket", daemon=True)
+        self._reader.start()
 
-    def poll(self) -> None:
-        while True:
+    def _read(self) -> None:
+        while not self._closed.is_set():
             try:
                 data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
-            except BlockingIOError:
+            except TimeoutError:
+                continue
+            except OSError:
                 return
             pid = -1
             for level, kind, payload in anc:
@@ -70,6 +80,9 @@ class NotifySocket:
             text = data.decode("utf-8")
             fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
             self.messages.append(NotifyMessage(pid, fields, time.monotonic()))
+
+    def poll(self) -> None:
+        """Nothing to do: the reader thread collects messages as they arrive (kept for callers)."""
 
     def keys(self) -> list[str]:
         """The message kinds in order, e.g. ['STATUS', 'STATUS', 'READY', 'STOPPING']."""
@@ -96,6 +109,8 @@ class NotifySocket:
         raise TimeoutError(f"no {key}= notification in {timeout}s; got {self.statuses()}")
 
     def close(self) -> None:
+        self._closed.set()
+        self._reader.join(timeout=2)
         self.sock.close()
 
 

@@ -79,7 +79,7 @@ class LiveKitServer:
                 "bind_addresses": ["127.0.0.1"],
                 "rtc": {"tcp_port": self._tcp_port, "udp_port": self._udp_port, "node_ip": "127.0.0.1",
                         "use_external_ip": False, "enable_loopback_candidate": True},
-                "logging": {"level": "info", "json": True},
+                "logging": {"level": os.environ.get("KNOTD_LIVEKIT_LOG_LEVEL", "info"), "json": True},
             }
             env = {
                 "PATH": os.environ.get("PATH", "/usr/bin:/bin"),

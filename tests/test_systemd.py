@@ -108,3 +108,28 @@ def test_ticker_extends_only_while_draining_and_is_silent_without_a_watchdog(tmp
         ticker.extend_stop_timeout(False)
         ticker.tick()
         assert sent() == []
+
+
+def test_a_reader_that_falls_behind_never_blocks_the_caller(tmp_path):
+    """systemd's notify socket holds net.unix.max_dgram_qlen datagrams (10 by default); a plain send to a full
+    queue blocks. The notifier runs on the event loop (the LiveKit worker's too): it must drop instead."""
+    import threading
+
+    from prometheus_client import REGISTRY
+
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("knotd_sd_notify_dropped_total", {"error": "BlockingIOError"}) or 0.0
+
+    path = str(tmp_path / "notify")
+    with bound_socket(path) as sock:  # bound, never read while the notifier sends
+        notifier = Notifier(path)
+        before = dropped()
+        results: list[bool] = []
+        sender = threading.Thread(target=lambda: results.extend(notifier.status(f"s{i}") for i in range(100)),
+                                  daemon=True)
+        sender.start()
+        sender.join(timeout=10)
+        assert not sender.is_alive(), "a full notify queue blocked the sender"
+        assert results[0] is True and results[-1] is False
+        assert dropped() - before == results.count(False)
+        assert sock.recv(4096) == b"STATUS=s0"  # what was queued is intact, in order
