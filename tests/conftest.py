@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import struct
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,6 +141,20 @@ class DaemonProcess:
                 break
             await asyncio.sleep(0.1)
         raise AssertionError(f"{path} never answered {status} (last: {last}); log tail:\n{self.log_text()[-3000:]}")
+
+    async def wait_json(self, path: str, predicate: Callable[[dict], bool], timeout: float = 30.0) -> str:
+        """Poll ``path`` (any status) until its JSON body satisfies ``predicate``; return that body."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                last = (await self.get(path))[1]
+                if predicate(json.loads(last)):
+                    return last
+            if self.proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{path} never matched (last: {last}); log tail:\n{self.log_text()[-3000:]}")
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
