@@ -12,7 +12,7 @@ import struct
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,9 +36,19 @@ def model_dir() -> Path:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago (benchmarks; tests let servers bind port 0 or use `closed_port`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback TCP port where nothing listens, held bound (without listening) while the block runs, so no
+    other process can take it meanwhile: a connection to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 @dataclass
@@ -110,8 +120,10 @@ def notify_socket(tmp_path):
 
 @dataclass
 class DaemonProcess:
+    """A `knotd run` subprocess. Its status server binds port 0 (no race for a port chosen in advance) and
+    `status_url` is the address its "status_server_listening" log line names."""
+
     proc: asyncio.subprocess.Process
-    status_url: str
     log_path: Path
     config_path: Path
     extra: dict = field(default_factory=dict)
@@ -119,6 +131,14 @@ class DaemonProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def status_url(self) -> str:
+        """``http://host:port`` of the status server; aiohttp.ClientConnectionError before it listens."""
+        for line in self.log_text().splitlines():
+            if '"status_server_listening"' in line:
+                return "http://" + json.loads(line)["address"]
+        raise aiohttp.ClientConnectionError("the status server is not listening yet")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -198,10 +218,9 @@ async def start_daemon(tmp_path, model_dir, notify_socket):
     started: list[DaemonProcess] = []
 
     async def start(livekit_url: str, *, env: dict | None = None, **sections: str) -> DaemonProcess:
-        port = free_port()
         # The first daemon of a test keeps state/ and knotd.toml; more daemons get their own (state-1/, ...).
         name = f"-{len(started)}" if started else ""
-        config = write_config(tmp_path, livekit_url, model_dir, port, name=name, **sections)
+        config = write_config(tmp_path, livekit_url, model_dir, 0, name=name, **sections)
         log_path = tmp_path / f"knotd-{len(started)}.log"
         full_env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -218,7 +237,7 @@ async def start_daemon(tmp_path, model_dir, notify_socket):
             stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=full_env, cwd=str(tmp_path),
         )
         log_file.close()
-        daemon = DaemonProcess(proc, f"http://127.0.0.1:{port}", log_path, config)
+        daemon = DaemonProcess(proc, log_path, config)
         started.append(daemon)
         return daemon
 

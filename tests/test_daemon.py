@@ -15,7 +15,7 @@ import pytest
 from livekit.protocol import agent
 
 from knotd.journal import read_records
-from tests.conftest import API_KEY, API_SECRET, free_port
+from tests.conftest import API_KEY, API_SECRET, closed_port
 
 pytestmark = pytest.mark.models
 
@@ -109,21 +109,21 @@ async def test_draining_turns_readyz_503_and_a_second_sigterm_exits_130(standin,
 
 
 async def test_unreachable_livekit_is_not_ready_and_does_not_crash(start_daemon, notify_socket):
-    port = free_port()  # nothing listens here
-    daemon = await start_daemon(f"ws://127.0.0.1:{port}")
-    await daemon.wait_http("/healthz", 200, timeout=60)
-    body = json.loads(await daemon.wait_json("/readyz", lambda b: "retrying" in b["reason"], timeout=10))
-    assert body["state"] == "connecting" and "not reachable" in body["reason"]
-    assert any("not reachable" in s for s in notify_socket.statuses())
-    assert daemon.proc.returncode is None
-    daemon.signal(signal.SIGTERM)
-    assert await daemon.wait_exit(timeout=15) == 0
+    with closed_port() as port:
+        daemon = await start_daemon(f"ws://127.0.0.1:{port}")
+        await daemon.wait_http("/healthz", 200, timeout=60)
+        body = json.loads(await daemon.wait_json("/readyz", lambda b: "retrying" in b["reason"], timeout=10))
+        assert body["state"] == "connecting" and "not reachable" in body["reason"]
+        assert any("not reachable" in s for s in notify_socket.statuses())
+        assert daemon.proc.returncode is None
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait_exit(timeout=15) == 0
 
 
 async def test_worker_giving_up_exits_nonzero(start_daemon, notify_socket):
-    port = free_port()
-    daemon = await start_daemon(f"ws://127.0.0.1:{port}", worker="drain_timeout_s = 5\nmax_retry = 1")
-    code = await daemon.wait_exit(timeout=90)
+    with closed_port() as port:
+        daemon = await start_daemon(f"ws://127.0.0.1:{port}", worker="drain_timeout_s = 5\nmax_retry = 1")
+        code = await daemon.wait_exit(timeout=90)
     assert code == 1
     assert "failed to connect to livekit after 1 attempts" in notify_socket.statuses()[-1]
 
@@ -297,15 +297,16 @@ async def test_a_corrupt_model_file_fails_the_start_with_exit_3(tmp_path, model_
     shutil.copytree(model_dir, broken)
     (broken / "model.bin").write_bytes(os.urandom(4096))
     config = tmp_path / "knotd.toml"
-    config.write_text(f'[livekit]\nurl = "ws://127.0.0.1:{free_port()}"\n[stt]\nmodel = "{broken}"\n'
-                      f'[session]\nstate_dir = "{tmp_path / "state"}"\n[status]\nlisten = "127.0.0.1:{free_port()}"\n'
-                      '[log]\nformat = "json"\n')
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
            "LIVEKIT_API_KEY": API_KEY, "LIVEKIT_API_SECRET": API_SECRET}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "knotd", "run", "--config", str(config), env=env, cwd=str(tmp_path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    _, err = await asyncio.wait_for(proc.communicate(), 180)
+    with closed_port() as livekit_port:
+        config.write_text(f'[livekit]\nurl = "ws://127.0.0.1:{livekit_port}"\n[stt]\nmodel = "{broken}"\n'
+                          f'[session]\nstate_dir = "{tmp_path / "state"}"\n[status]\nlisten = "127.0.0.1:0"\n'
+                          '[log]\nformat = "json"\n')
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "knotd", "run", "--config", str(config), env=env, cwd=str(tmp_path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 180)
     lines = err.decode().splitlines()
     assert proc.returncode == 3, lines[-5:]
     assert lines[-1].startswith("knotd: cannot load the whisper model from ") and str(broken) in lines[-1]
