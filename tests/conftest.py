@@ -97,15 +97,16 @@ class NotifySocket:
         self.poll()
         return [m.fields["STATUS"] for m in self.messages if "STATUS" in m.fields]
 
-    async def wait_for(self, key: str, timeout: float = 30.0) -> NotifyMessage:
+    async def wait_for(self, key: str, timeout: float = 30.0, count: int = 1) -> NotifyMessage:
+        """The `count`-th message carrying `key` (the first by default), once it has arrived."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.poll()
-            for m in self.messages:
-                if key in m.fields:
-                    return m
+            found = [m for m in self.messages if key in m.fields]
+            if len(found) >= count:
+                return found[count - 1]
             await asyncio.sleep(0.05)
-        raise TimeoutError(f"no {key}= notification in {timeout}s; got {self.statuses()}")
+        raise TimeoutError(f"no {count} {key}= notification(s) in {timeout}s; got {self.statuses()}")
 
     def close(self) -> None:
         self.sock.close()
