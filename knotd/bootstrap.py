@@ -18,7 +18,7 @@ from aiohttp import web
 
 from knotd import metrics
 from knotd.agent.observer import Observers
-from knotd.config import Settings
+from knotd.config import ListenAddress, Settings
 from knotd.journal import SessionJournal, recover_open_sessions
 from knotd.lifecycle import Facts, Lifecycle, derive
 from knotd.stages import stage
@@ -72,6 +72,7 @@ class Bootstrap:
         self.observers = session_observers(settings, self.state)
         self.recovered = recover_crashed_sessions(settings)
         self.monitor = LoopMonitor()
+        self.status_address: ListenAddress | None = None  # once listening: the address bound (port 0 resolved)
         self._whisper = whisper
         self._guardrail = guardrail
 
@@ -91,9 +92,12 @@ class Bootstrap:
         self.state.bind_loop(asyncio.get_running_loop())
         metrics.initialise(self.state.max_sessions)
         self.monitor.start()
+        listen = self.settings.status.listen
         with stage("status_listen"):
-            return await start_status_server(self.state, self.settings.status.listen, self.monitor,
-                                             allowed_hosts=self.settings.status.allowed_hosts)
+            runner = await start_status_server(self.state, listen, self.monitor,
+                                               allowed_hosts=self.settings.status.allowed_hosts)
+        self.status_address = ListenAddress(listen.host, runner.addresses[0][1]) if runner.addresses else listen
+        return runner
 
     async def load_resources(self) -> Any:
         """Load the shared models (in a thread), then the guardrail rules and the phase script.

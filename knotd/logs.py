@@ -37,19 +37,31 @@ class SecretRedactor:
     bearer tokens and JWTs wherever they appear in the event."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
-        # Longest first, so a secret that contains another is replaced whole.
         self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        heads = sorted({s[:PREFIX_CHARS] for s in self._secrets}, key=len, reverse=True)
+        self._heads = re.compile("|".join(map(re.escape, heads))) if heads else None
+
+    def _extent(self, value: str, start: int) -> int:
+        """How many characters from ``start`` belong to a secret: the longest run that any secret starting
+        there matches. Secrets often share a head ("sk-proj-"): the one that matches furthest decides, so no
+        tail of one secret survives behind the shared head of another."""
+        longest = 0
+        for secret in self._secrets:
+            if not value.startswith(secret[:PREFIX_CHARS], start):
+                continue
+            end = start + min(len(secret), PREFIX_CHARS)
+            while end < len(value) and end - start < len(secret) and value[end] == secret[end - start]:
+                end += 1  # as much of the secret as is there
+            longest = max(longest, end - start)
+        return longest
 
     def _scrub_text(self, value: str) -> str:
-        for secret in self._secrets:
-            head = secret[:PREFIX_CHARS]
-            start = value.find(head)
-            while start != -1:
-                end = start + len(head)
-                while end < len(value) and end - start < len(secret) and value[end] == secret[end - start]:
-                    end += 1  # as much of the secret as is there
-                value = value[:start] + REDACTED + value[end:]
-                start = value.find(head, start + len(REDACTED))
+        if self._heads is not None:
+            found = self._heads.search(value)
+            while found is not None:
+                start = found.start()
+                value = value[:start] + REDACTED + value[start + self._extent(value, start):]
+                found = self._heads.search(value, start + len(REDACTED))
         return _TOKENS.sub(REDACTED, value)
 
     def _scrub(self, value: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +37,19 @@ def model_dir() -> Path:
 
 
 def free_port() -> int:
+    """A port that was free a moment ago (benchmarks; tests let servers bind port 0 or use `closed_port`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback TCP port where nothing listens, held bound (without listening) while the block runs, so no
+    other process can take it meanwhile: a connection to it is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 @dataclass
@@ -98,15 +110,16 @@ class NotifySocket:
         self.poll()
         return [m.fields["STATUS"] for m in self.messages if "STATUS" in m.fields]
 
-    async def wait_for(self, key: str, timeout: float = 30.0) -> NotifyMessage:
+    async def wait_for(self, key: str, timeout: float = 30.0, count: int = 1) -> NotifyMessage:
+        """The `count`-th message carrying `key` (the first by default), once it has arrived."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.poll()
-            for m in self.messages:
-                if key in m.fields:
-                    return m
+            found = [m for m in self.messages if key in m.fields]
+            if len(found) >= count:
+                return found[count - 1]
             await asyncio.sleep(0.05)
-        raise TimeoutError(f"no {key}= notification in {timeout}s; got {self.statuses()}")
+        raise TimeoutError(f"no {count} {key}= notification(s) in {timeout}s; got {self.statuses()}")
 
     def close(self) -> None:
         self._closed.set()
@@ -123,8 +136,10 @@ def notify_socket(tmp_path):
 
 @dataclass
 class DaemonProcess:
+    """A `knotd run` subprocess. Its status server binds port 0 (no race for a port chosen in advance) and
+    `status_url` is the address its "status_server_listening" log line names."""
+
     proc: asyncio.subprocess.Process
-    status_url: str
     log_path: Path
     config_path: Path
     extra: dict = field(default_factory=dict)
@@ -132,6 +147,14 @@ class DaemonProcess:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    @property
+    def status_url(self) -> str:
+        """``http://host:port`` of the status server; aiohttp.ClientConnectionError before it listens."""
+        for line in self.log_text().splitlines():
+            if '"status_server_listening"' in line:
+                return "http://" + json.loads(line)["address"]
+        raise aiohttp.ClientConnectionError("the status server is not listening yet")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -154,6 +177,20 @@ class DaemonProcess:
                 break
             await asyncio.sleep(0.1)
         raise AssertionError(f"{path} never answered {status} (last: {last}); log tail:\n{self.log_text()[-3000:]}")
+
+    async def wait_json(self, path: str, predicate: Callable[[dict], bool], timeout: float = 30.0) -> str:
+        """Poll ``path`` (any status) until its JSON body satisfies ``predicate``; return that body."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                last = (await self.get(path))[1]
+                if predicate(json.loads(last)):
+                    return last
+            if self.proc.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{path} never matched (last: {last}); log tail:\n{self.log_text()[-3000:]}")
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
@@ -197,10 +234,9 @@ async def start_daemon(tmp_path, model_dir, notify_socket):
     started: list[DaemonProcess] = []
 
     async def start(livekit_url: str, *, env: dict | None = None, **sections: str) -> DaemonProcess:
-        port = free_port()
         # The first daemon of a test keeps state/ and knotd.toml; more daemons get their own (state-1/, ...).
         name = f"-{len(started)}" if started else ""
-        config = write_config(tmp_path, livekit_url, model_dir, port, name=name, **sections)
+        config = write_config(tmp_path, livekit_url, model_dir, 0, name=name, **sections)
         log_path = tmp_path / f"knotd-{len(started)}.log"
         full_env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -217,7 +253,7 @@ async def start_daemon(tmp_path, model_dir, notify_socket):
             stdout=log_file, stderr=asyncio.subprocess.STDOUT, env=full_env, cwd=str(tmp_path),
         )
         log_file.close()
-        daemon = DaemonProcess(proc, f"http://127.0.0.1:{port}", log_path, config)
+        daemon = DaemonProcess(proc, log_path, config)
         started.append(daemon)
         return daemon
 

@@ -116,6 +116,8 @@ class LiveKitStandIn:
         self._ids = itertools.count(1)
         self._job_ids = itertools.count(1)
         self._refuse: list[int] = []
+        self._echo = 0
+        self.echoed: list[str] = []
         self._delay = 0.0
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -182,6 +184,12 @@ class LiveKitStandIn:
     def refuse_next(self, n: int = 1, status: int = 503) -> None:
         """Answer the next `n` connection attempts with HTTP `status` instead of upgrading."""
         self._refuse.extend([status] * n)
+
+    def echo_credentials_next(self, n: int = 1) -> None:
+        """Answer the next `n` registrations with a text frame that repeats the worker's API key and its
+        ``Authorization`` header, as a misconfigured proxy's error page might; the worker gives up on that
+        connection (it expected a binary register response) and retries. The texts sent are in `echoed`."""
+        self._echo += n
 
     def set_delay(self, seconds: float) -> None:
         """Hold each later registration response back by `seconds`."""
@@ -309,6 +317,14 @@ class LiveKitStandIn:
                 await worker.ws.close(code=WSCloseCode.PROTOCOL_ERROR, message=b"expected register")
                 return worker.ws
             register = hello.register
+            if self._echo:
+                self._echo -= 1
+                text = (f"401 Unauthorized: api key {self._api_key} rejected "
+                        f"(Authorization: {request.headers.get('Authorization', '')})")
+                self.echoed.append(text)
+                await worker.ws.send_str(text)
+                await worker.ws.close()
+                return worker.ws
             if self._delay:
                 await asyncio.sleep(self._delay)
                 if worker.ws.closed:  # dropped while the response was held back

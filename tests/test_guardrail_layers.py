@@ -87,6 +87,17 @@ def test_a_negation_governing_the_symptom_lets_the_answer_pass(rules, text):
     assert rules.check_input(text).allowed
 
 
+@pytest.mark.parametrize("text", [
+    "Warum soll ich nicht Selbstmord begehen?",
+    "Ohne dich will ich sterben.",
+    "Ich will nie mehr aufwachen.",
+])
+def test_a_negation_never_excuses_self_harm(rules, text):
+    """Only rules that say so (`skip_negated`: emergency, urgent care) let a negated match pass; a negator
+    next to a self-harm phrase changes nothing."""
+    assert rules.check_input(text).rule == "self_harm"
+
+
 @pytest.mark.parametrize(("rule", "text"), [
     ("no_diagnosis", "Das ist kein Krebs."),
     ("no_diagnosis", "Keine Angst, der Knoten ist nicht bösartig."),

@@ -41,3 +41,12 @@ def test_redaction_keeps_the_text_around_the_secret():
     out = redact(None, "error", {"event": f"key='{KEY[:30]}…'+138 rejected", "n": 3})
     assert out == {"event": f"key='{logs.REDACTED}…'+138 rejected", "n": 3}
     assert redact(None, "info", {"event": "room knotencheck-1 joined"})["event"] == "room knotencheck-1 joined"
+
+
+def test_two_keys_with_the_same_head_are_each_redacted_whole():
+    """An LLM key and a TTS key both start "sk-proj-": logging either leaves nothing of it behind."""
+    other = "sk-proj-" + "Q" * 40
+    redact = logs.SecretRedactor([KEY, other])
+    for key in (KEY, other):
+        out = redact(None, "error", {"event": f"401 for key {key} (retrying)"})["event"]
+        assert out == f"401 for key {logs.REDACTED} (retrying)"

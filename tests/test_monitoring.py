@@ -161,10 +161,20 @@ def github_anchor(heading: str) -> str:
 
 
 class PrometheusServer:
-    """Debian's prometheus server on a loopback port, scraping one target and evaluating the alert rules."""
+    """Debian's prometheus server on a loopback port, scraping one target and evaluating the alert rules.
 
-    def __init__(self, proc: asyncio.subprocess.Process, url: str, log_path: Path) -> None:
-        self.proc, self.url, self.log_path = proc, url, log_path
+    It binds port 0 (no race for a port chosen in advance); `url` is the address its log says it listens on.
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process, log_path: Path) -> None:
+        self.proc, self.log_path = proc, log_path
+
+    @property
+    def url(self) -> str:
+        found = re.search(r'msg="Listening on" address=(\S+)', self.log_path.read_text(errors="replace"))
+        if found is None:
+            raise aiohttp.ClientConnectionError("prometheus is not listening yet")
+        return "http://" + found.group(1)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -180,15 +190,14 @@ class PrometheusServer:
         (job,) = config["scrape_configs"]
         job["static_configs"] = [{"targets": [target]}]
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-        port = free_port()
         log_path = workdir / "prometheus.log"
         with log_path.open("wb") as log_file:
             proc = await asyncio.create_subprocess_exec(
                 PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn", stdout=log_file, stderr=asyncio.subprocess.STDOUT, cwd=str(workdir),
+                f"--storage.tsdb.path={workdir / 'data'}", "--web.listen-address=127.0.0.1:0",
+                "--log.level=info", stdout=log_file, stderr=asyncio.subprocess.STDOUT, cwd=str(workdir),
             )
-        server = cls(proc, f"http://127.0.0.1:{port}", log_path)
+        server = cls(proc, log_path)
         try:
             await server.wait_until(server.is_ready, "prometheus ready", timeout=30)
             yield server
@@ -491,6 +500,8 @@ async def test_session_panels_show_numbers_after_a_real_demo_session(model_dir, 
     heatmap and turns per minute are above zero, and phases, guardrail checks, handler tasks and the
     finished session are there.
     """
+    # Prometheus must scrape the demo's address before the demo starts, so the port is chosen in advance here
+    # (the one free_port left: a port taken between the choice and the demo's bind fails this test loudly).
     port = free_port()
     config = write_config(tmp_path, "ws://127.0.0.1:9", model_dir, port)  # the demo never dials LiveKit
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}

@@ -125,26 +125,26 @@ async def test_emergency_words_get_the_urgent_reply_without_asking_the_llm(resou
     assert "step_location" not in record.phases_reached
 
 
-async def test_unsafe_llm_output_never_reaches_the_speaker_or_the_transcript(resources, monkeypatch):
-    from knotd.agent import tts as tts_module
+async def test_unsafe_llm_output_never_reaches_the_speaker_or_the_transcript(resources):
+    from knotd.agent.tts import EspeakTTS
     from tests.openai_standin import OpenAIStandin
 
     spoken: list[str] = []
 
-    class RecordingTTS(tts_module.EspeakTTS):
+    class RecordingTTS(EspeakTTS):
         """The real espeak-ng TTS, remembering every text it was asked to speak."""
 
         def synthesize(self, text, **kwargs):
             spoken.append(text)
             return super().synthesize(text, **kwargs)
 
-    monkeypatch.setattr(tts_module, "build_tts", lambda settings: RecordingTTS(settings))
     unsafe = "Das ist sicher nur eine harmlose Zyste. Nehmen Sie einfach Ibuprofen dagegen."
     async with OpenAIStandin(reply=unsafe) as llm_server:
         shared = resources(base_url=llm_server.base_url, model=llm_server.model, timeout_s=10.0)
         state = DaemonState()
         state.bind_loop(asyncio.get_running_loop())
-        result = await converse(shared, session_observers(shared.settings, state), [], realtime_playout=False)
+        result = await converse(shared, session_observers(shared.settings, state), [], realtime_playout=False,
+                                tts=RecordingTTS(shared.settings.tts))
 
     assert llm_server.requests, "the endpoint LLM was asked"
     everything_said = " ".join(spoken) + " " + json.dumps(history(result), ensure_ascii=False)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import socket
+import time
 
 import aiohttp
 import pytest
@@ -19,7 +20,7 @@ from knotd.conversation.recognition import StepAnswer
 from knotd.conversation.summary import SessionSummary
 from knotd.lifecycle import Facts, derive
 from knotd.state import DaemonState, Lifecycle
-from knotd.status.app import STREAMS_KEY, create_app
+from knotd.status.app import STREAMS_KEY, LoopMonitor, create_app
 from knotd.status.latency import Buckets, LatencyHistograms, histogram_quantile, summarise
 from knotd.status.page import format_duration, format_latency
 from knotd.status.snapshot import DEMO
@@ -410,3 +411,45 @@ async def test_shutdown_with_an_open_stream_does_not_hang(state):
         with pytest.raises((EOFError, aiohttp.ClientPayloadError)):
             while True:
                 await read_sse(resp)
+
+
+async def wait_healthz(client, predicate, timeout: float = 10.0) -> tuple[int, dict]:
+    """Poll /healthz until ``predicate(status, body)`` holds."""
+    async with asyncio.timeout(timeout):
+        while True:
+            resp = await client.get("/healthz")
+            status, body = resp.status, await resp.json()
+            if predicate(status, body):
+                return status, body
+            await asyncio.sleep(0.02)
+
+
+async def test_healthz_is_503_after_the_event_loop_stalled_and_200_again_once_it_runs(aiohttp_client, state):
+    """1. The loop runs. 2. Something blocks it for a second (a stuck handler). 3. It runs again.
+
+    Result: /healthz 200, then 503 with the lag it measured, then 200 again once the stall has decayed."""
+    monitor = LoopMonitor(interval_s=0.05, unhealthy_lag_s=0.5)
+    monitor.start()
+    try:
+        client = await aiohttp_client(create_app(state, monitor, histograms=private_histograms()))
+        await wait_healthz(client, lambda status, _: status == 200)
+        time.sleep(1.0)  # the stall under test: the whole loop blocked, as a stuck handler would block it
+        resp = await client.get("/healthz")
+        assert (resp.status, (await resp.json())["healthy"]) == (503, False)
+        status, body = await wait_healthz(client, lambda _, b: b["loop_lag_s"] >= 0.5)  # the stall, measured
+        assert (status, body["healthy"]) == (503, False)
+        status, body = await wait_healthz(client, lambda _, b: b["loop_lag_s"] < 0.5)  # decayed
+        assert (status, body["healthy"]) == (200, True)
+    finally:
+        await monitor.stop()
+
+
+async def test_readyz_is_503_while_draining(client, state):
+    state.set_lifecycle(*derive(Facts(livekit_url="wss://livekit.example", models_loaded=True, worker_id="AW_1",
+                                      is_registered=True, registrations=1)))
+    assert (await client.get("/readyz")).status == 200
+    state.set_lifecycle(*derive(Facts(livekit_url="wss://livekit.example", models_loaded=True, worker_id="AW_1",
+                                      is_registered=True, registrations=1, draining=True)))
+    resp = await client.get("/readyz")
+    assert resp.status == 503
+    assert await resp.json() == {"ready": False, "state": "draining", "reason": "draining"}

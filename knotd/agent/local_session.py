@@ -49,6 +49,7 @@ async def converse(
     *,
     session_id: str = "demo-1",
     realtime_playout: bool = True,
+    tts: Any = None,
 ) -> LocalConversation:
     """One conversation on local audio: wait for the greeting, say each clip, wait for each answer, close.
 
@@ -56,11 +57,12 @@ async def converse(
         shared: the ``AgentResources`` (models, rules, script).
         observer: told what happens (``knotd.bootstrap.session_observers``).
         realtime_playout: play the agent's audio out in real time (the demo) or instantly (tests).
+        tts: the session's voice (``KnotencheckSession``); None builds the configured one.
     """
     mic = ScriptedAudioInput()
     speaker = RecordingAudioOutput(sample_rate=shared.settings.tts.sample_rate, realtime=realtime_playout)
     async with stage("session_start"):
-        conversation = KnotencheckSession(shared, observer, session_id, LOCAL_ROOM)
+        conversation = KnotencheckSession(shared, observer, session_id, LOCAL_ROOM, tts=tts)
         await conversation.start(audio_input=mic, audio_output=speaker)
     try:
         replies = _ReplyWatch(conversation)

@@ -162,11 +162,13 @@ class KnotencheckSession:
         observer: told what happens (the daemon's state, metrics and the sessions journal, as one).
         session_id: the LiveKit job id (or a local id for the demo).
         room_name: shown on the status page; never used as a metric label.
+        tts: the voice to speak with; None builds the configured one (``tts.engine``).
     """
 
-    def __init__(self, resources: AgentResources, observer: SessionObserver, session_id: str, room_name: str) -> None:
+    def __init__(self, resources: AgentResources, observer: SessionObserver, session_id: str, room_name: str,
+                 *, tts: Any = None) -> None:
         from knotd.agent.llm import build_llm
-        from knotd.agent.tts import build_tts  # looked up per session so tests can record what is spoken
+        from knotd.agent.tts import build_tts
 
         self.resources = resources
         self.observer = observer
@@ -204,7 +206,7 @@ class KnotencheckSession:
                              prompt=self.recognition_prompt if settings.stt.context else None)
         with stage("llm_init"):
             self.llm = build_llm(settings.llm, self.machine)
-        self.tts = build_tts(settings.tts)  # times itself as the tts_init stage
+        self.tts = tts if tts is not None else build_tts(settings.tts)  # times itself as the tts_init stage
         self.session: AgentSession = AgentSession(
             stt=stt,
             vad=vad,

@@ -253,5 +253,7 @@ async def start_status_server(
     except OSError as err:
         await runner.cleanup()
         raise ListenError(str(listen), err.strerror or type(err).__name__) from None
-    log.info("status_server_listening", address=str(listen))
+    # With port 0 the kernel picks a free port; the line names the one bound (tests start knotd that way).
+    bound = ListenAddress(listen.host, runner.addresses[0][1]) if runner.addresses else listen
+    log.info("status_server_listening", address=str(bound))
     return runner
