@@ -9,7 +9,9 @@ The notifier never raises to its caller: systemd being gone must not take the da
 is logged once per kind of error. It never blocks either: it runs on the event loop, and a datagram socket
 whose reader has fallen behind (its queue holds `net.unix.max_dgram_qlen` messages, 10 by default) blocks a
 plain send — that froze a daemon's whole loop, its LiveKit worker included, in a test whose reader paused;
-such a message is dropped and counted in `knotd_sd_notify_dropped_total`. ``Ticker`` sends the periodic messages from the main loop: ``WATCHDOG=1``,
+such a message is dropped and counted in `knotd_sd_notify_dropped_total`.
+
+``Ticker`` sends the periodic messages from the main loop: ``WATCHDOG=1``,
 and ``EXTEND_TIMEOUT_USEC=`` while the daemon drains, so the unit's ``TimeoutStopSec`` needs no step with
 ``drain_timeout_s`` (the drain bounds itself; a wedged loop stops the extensions and systemd's timeout wins).
 """
