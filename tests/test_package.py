@@ -604,7 +604,8 @@ class TestBootDebian:
         Result: systemd restarts it (Restart=on-failure): the journal says the main process was killed and a
         restart was scheduled, NRestarts goes up by one, and knotd is READY again (active/running, /readyz
         200). At that start knotd appends the killed session's record with outcome "crashed" to
-        sessions.jsonl, logs session_recovered_as_crashed with its id, and leaves no marker behind.
+        sessions.jsonl, logs session_recovered_as_crashed with its id, counts it in
+        knotd_sessions_total{outcome="crashed"}, and leaves no marker behind.
         """
         before = _start_fresh(box)
         try:
@@ -628,6 +629,8 @@ class TestBootDebian:
             crashed = [r for r in records if r["session_id"] == session_id]
             assert [(r["room"], r["outcome"]) for r in crashed] == [("room-killed", "crashed")], records
             assert session_id not in box.sh(f"cat {STATE_DIR}/open/*.json 2>/dev/null || true")
+            metrics = box.sh(f"curl -s http://127.0.0.1:{status_port}/metrics")
+            assert re.search(r'^knotd_sessions_total\{outcome="crashed"\} 1(\.0)?$', metrics, re.MULTILINE), metrics
         finally:
             _stop_and_reset(box)
 
@@ -655,9 +658,10 @@ class TestBootDebian:
             assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1, (before, after)
             assert f"Watchdog timeout (limit {WATCHDOG_TEST_S}s)!" in journal, journal[-3000:]
             assert re.search(rf"Killing process {pid} \(\S+\) with signal SIGABRT", journal), journal[-3000:]
-            assert "status=6/ABRT" in journal, journal[-3000:]
+            # PYTHONFAULTHANDLER's stacks. Not asserted: the exit status, 6/ABRT in most runs, but 11/SEGV when
+            # faulthandler's dump of the other (running) threads crashes part-way (seen in 1 of 2 runs).
+            assert "Fatal Python error: Aborted" in journal, journal[-3000:]
             assert "Failed with result 'watchdog'" in journal, journal[-3000:]
-            assert "Fatal Python error: Aborted" in journal, journal[-3000:]  # PYTHONFAULTHANDLER's stacks
             assert "Scheduled restart job, restart counter is at" in journal, journal[-3000:]
         finally:
             if pid:
