@@ -423,8 +423,9 @@ WATCHDOG_DROP_IN = "/etc/systemd/system/knotd.service.d/watchdog-test.conf"
 
 
 def _start_fresh(box: Container) -> dict[str, str]:
-    """Start knotd with its restart counter and start-rate limit cleared; its MainPID and NRestarts."""
-    box.sh("systemctl reset-failed knotd 2>/dev/null; systemctl start knotd", timeout=320)
+    """(Re)start knotd, as the unit now is (drop-ins included), with its start-rate limit cleared; its
+    MainPID and NRestarts."""
+    box.sh("systemctl reset-failed knotd 2>/dev/null; systemctl restart knotd", timeout=700)
     props = unit_properties(box, "ActiveState", "SubState", "MainPID", "NRestarts")
     assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
     return props
