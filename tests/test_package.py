@@ -606,15 +606,23 @@ class TestBootDebian:
         restart was scheduled, NRestarts goes up by one, and knotd is READY again (active/running, /readyz
         200). At that start knotd appends the killed session's record with outcome "crashed" to
         sessions.jsonl, logs session_recovered_as_crashed with its id, counts it in
-        knotd_sessions_total{outcome="crashed"}, and leaves no marker behind.
+        knotd_sessions_total{outcome="crashed"}, and leaves no marker behind. So does the marker of an
+        earlier knotd whose pid is now another user's process (PID 1; after a power cut and a reboot pids come
+        round again): the sandbox hides that process (ProtectProc=invisible), which is not taken for a live knotd.
         """
         before = _start_fresh(box)
         try:
             with CallerInRoom(livekit, "caller-killed", "room-killed", AGENT):
                 marker = wait_until(lambda: box.sh(f"cat {STATE_DIR}/open/*.json 2>/dev/null || true").strip(),
                                     120, "session marker in the state directory")
-                session_id = json.loads(marker)["session_id"]
-                assert json.loads(marker)["room"] == "room-killed"
+                marker = json.loads(marker)
+                session_id = marker["session_id"]
+                assert marker["room"] == "room-killed"
+                assert marker["boot_id"] and isinstance(marker["pid_start"], int), marker  # readable in the sandbox
+                # A session of an earlier knotd that died too, whose pid now belongs to another process (PID 1).
+                earlier = dict(marker, session_id="AJ_earlier_pid_reused", room="room-earlier", pid=1)
+                box.sh(f"install -o knotd -g knotd -m 0640 /dev/stdin {STATE_DIR}/open/earlier.json",
+                       stdin=json.dumps(earlier))
                 cursor = journal_cursor(box)
                 box.sh(f"kill -9 {before['MainPID']}")
                 started = time.monotonic()
@@ -625,13 +633,15 @@ class TestBootDebian:
             assert "Main process exited, code=killed, status=9/KILL" in journal, journal[-3000:]
             assert "Scheduled restart job, restart counter is at" in journal, journal[-3000:]
             recovered = [e for e in _journal_events(journal) if e.get("event") == "session_recovered_as_crashed"]
-            assert [e.get("session_id") for e in recovered] == [session_id], journal[-3000:]
+            ids = sorted([session_id, earlier["session_id"]])
+            assert sorted(e.get("session_id") for e in recovered) == ids, journal[-3000:]
             records = [json.loads(line) for line in box.sh(f"cat {STATE_DIR}/sessions.jsonl").splitlines()]
-            crashed = [r for r in records if r["session_id"] == session_id]
-            assert [(r["room"], r["outcome"]) for r in crashed] == [("room-killed", "crashed")], records
-            assert session_id not in box.sh(f"cat {STATE_DIR}/open/*.json 2>/dev/null || true")
+            crashed = sorted((r["session_id"], r["room"]) for r in records if r["outcome"] == "crashed")
+            assert crashed == sorted([(session_id, "room-killed"), (earlier["session_id"], "room-earlier")]), records
+            left_open = box.sh(f"cat {STATE_DIR}/open/*.json 2>/dev/null || true")
+            assert session_id not in left_open and earlier["session_id"] not in left_open, left_open
             metrics = box.sh(f"curl -s http://127.0.0.1:{status_port}/metrics")
-            assert re.search(r'^knotd_sessions_total\{outcome="crashed"\} 1(\.0)?$', metrics, re.MULTILINE), metrics
+            assert re.search(r'^knotd_sessions_total\{outcome="crashed"\} 2(\.0)?$', metrics, re.MULTILINE), metrics
         finally:
             _stop_and_reset(box)
 
