@@ -9,8 +9,8 @@ packages and run lintian on them, then boot a bare Debian of that release with s
 walk the operator's path from docs/install.md against a real livekit-server on loopback: install, start
 (returns only after READY=1), status and /metrics, stop (drains, Result=success), a missing secret, a broken
 Whisper self-test, `kill -9` mid-session and a hung process (systemd restarts it; the watchdog), an upgrade
-that keeps an edited conffile and restarts, and a purge that leaves nothing behind. The boot tests of a release share one container and run in file order; each leaves knotd
-installed, configured and stopped.
+that keeps an edited conffile and restarts, and a purge that leaves nothing behind. The boot tests of a
+release share one container and run in file order; each leaves knotd installed, configured and stopped.
 
 Set KNOTD_TEST_DEBS=/dir to test the packages in that directory (knotd_*+deb12_amd64.deb,
 knotd_*+deb13_amd64.deb, knotd-model-whisper-base_*_all.deb) instead of building them, and
