@@ -69,7 +69,7 @@ class SessionJournal(SessionObserver):
     # -- the per-session marker ---------------------------------------------------------------------
     def session_started(self, session_id: str, room: str, phase: str) -> None:
         marker = {"session_id": session_id, "room": room, "started_at": round(time.time(), 3),
-                  "phases_reached": [phase], "final_phase": phase, "turns": 0, "pid": os.getpid()}
+                  "phases_reached": [phase], "final_phase": phase, "turns": 0, **_owner()}
         with self._lock:
             self._markers[session_id] = marker
         self._save_marker(marker)
@@ -264,8 +264,7 @@ def recover_open_sessions(state_dir: Path | str) -> list[dict[str, Any]]:
         if not isinstance(marker, dict) or "session_id" not in marker:
             path.unlink(missing_ok=True)
             continue
-        pid = marker.get("pid")
-        if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+        if _owner_alive(marker):
             continue
         if marker["session_id"] not in written:
             record = crashed_record(marker, ended_at)
@@ -297,11 +296,46 @@ def crashed_record(marker: Mapping[str, Any], ended_at: float) -> dict[str, Any]
     }
 
 
+def _owner() -> dict[str, Any]:
+    """Who writes a marker: this process, told apart from a later one with the same pid (after a reboot, or
+    once pids wrap) by the boot id and the process's start time."""
+    return {"pid": os.getpid(), "boot_id": _boot_id(), "pid_start": _start_ticks(os.getpid())}
+
+
+def _owner_alive(marker: Mapping[str, Any]) -> bool:
+    """Whether the knotd that wrote ``marker`` still runs (another knotd sharing the state directory)."""
+    pid = marker.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False  # recovery runs at start, before this process has sessions: the marker is a dead one's
+    if "boot_id" in marker and marker["boot_id"] != _boot_id():
+        return False  # written before a reboot (a power cut): the pid is some other process's now
+    if marker.get("pid_start") is not None:
+        return _start_ticks(pid) == marker["pid_start"]
+    return _alive(pid)  # a marker without the process's start time
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, /proc/<pid>/stat field 22); None if it is not
+    there or not visible (the unit's ProtectProc=invisible hides other users' processes)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return False  # another user's process: not a knotd writing to this (knotd-owned) state directory
     return True

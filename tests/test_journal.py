@@ -150,3 +150,29 @@ def test_sessions_left_open_by_a_dead_knotd_are_recorded_as_crashed(tmp_path):
     assert record["outcome"] == "crashed" and record["final_phase"] == "consent" and record["room"] == "r1"
     assert sorted(p.name for p in (tmp_path / OPEN_DIR).iterdir()) == ["RM_alive.json"]
     assert recover_open_sessions(tmp_path) == []  # once only
+
+
+def test_a_marker_whose_pid_is_now_another_process_is_recorded_as_crashed(tmp_path):
+    """1. A running knotd (a child process) has a session open. 2. Its marker, as a knotd that died before a
+    reboot (another boot id) or before its pid came round again (another start time) would have left it.
+
+    Result: those two are recorded as crashed although a process with their pid runs; the live knotd's own
+    session is left alone.
+    """
+    code = ("import sys, time; from knotd.journal import SessionJournal; "
+            "SessionJournal(sys.argv[1]).session_started('RM_running', 'r', 'greeting'); print('open', flush=True); "
+            "time.sleep(120)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "open"
+        running = json.loads((tmp_path / OPEN_DIR / "RM_running.json").read_text())
+        assert running["pid"] == child.pid
+        write_marker(tmp_path, dict(running, session_id="RM_before_reboot", boot_id="another boot"))
+        write_marker(tmp_path, dict(running, session_id="RM_pid_reused", pid_start=running["pid_start"] - 1))
+
+        recovered = recover_open_sessions(tmp_path)
+        assert sorted(r["session_id"] for r in recovered) == ["RM_before_reboot", "RM_pid_reused"]
+        assert [p.name for p in (tmp_path / OPEN_DIR).iterdir()] == ["RM_running.json"]
+    finally:
+        child.kill()
+        child.wait()

@@ -8,9 +8,9 @@ in debian/ with dpkg-buildpackage (knotd once per release, knotd-model-whisper-b
 packages and run lintian on them, then boot a bare Debian of that release with systemd in systemd-nspawn and
 walk the operator's path from docs/install.md against a real livekit-server on loopback: install, start
 (returns only after READY=1), status and /metrics, stop (drains, Result=success), a missing secret, a broken
-Whisper self-test, an upgrade that keeps an edited conffile and restarts, and a purge that leaves nothing
-behind. The boot tests of a release share one container and run in file order; each leaves knotd
-installed, configured and stopped.
+Whisper self-test, `kill -9` mid-session and a hung process (systemd restarts it; the watchdog), an upgrade
+that keeps an edited conffile and restarts, and a purge that leaves nothing behind. The boot tests of a
+release share one container and run in file order; each leaves knotd installed, configured and stopped.
 
 Set KNOTD_TEST_DEBS=/dir to test the packages in that directory (knotd_*+deb12_amd64.deb,
 knotd_*+deb13_amd64.deb, knotd-model-whisper-base_*_all.deb) instead of building them, and
@@ -36,6 +36,7 @@ from knotd.config import Settings, load_settings, public_view
 from tests.nspawn.container import DEFAULT_CACHE, Container, ensure_rootfs
 from tests.nspawn.package import (
     ROOT,
+    CallerInRoom,
     LiveKitProcess,
     as_root_in,
     build_debs,
@@ -48,6 +49,7 @@ from tests.nspawn.package import (
     repack_with_version,
     unit_properties,
     upstream_version,
+    wait_until,
 )
 
 UNIT = ROOT / "packaging" / "systemd" / "knotd.service"
@@ -413,6 +415,50 @@ def _stop_and_reset(box: Container) -> None:
     box.sh("systemctl stop knotd; systemctl reset-failed knotd 2>/dev/null || true", timeout=120)
 
 
+AGENT = "knotencheck"  # the shipped [livekit] agent_name
+STATE_DIR = "/var/lib/knotd"
+# A test-only watchdog (the shipped WatchdogSec=30 stays what production runs; see the watchdog test).
+WATCHDOG_TEST_S = 10
+WATCHDOG_DROP_IN = "/etc/systemd/system/knotd.service.d/watchdog-test.conf"
+
+
+def _start_fresh(box: Container) -> dict[str, str]:
+    """(Re)start knotd, as the unit now is (drop-ins included), with its start-rate limit cleared; its
+    MainPID and NRestarts."""
+    box.sh("systemctl reset-failed knotd 2>/dev/null; systemctl restart knotd", timeout=700)
+    props = unit_properties(box, "ActiveState", "SubState", "MainPID", "NRestarts")
+    assert (props["ActiveState"], props["SubState"]) == ("active", "running"), props
+    return props
+
+
+def _back_up_after(box: Container, old_pid: str, status_port: int, timeout: float = 300) -> dict[str, str]:
+    """Wait until systemd has restarted knotd (a new MainPID) and it is READY again: active/running (READY=1
+    came), and /readyz answers 200 from inside the container. Fails at once if the unit ends up failed."""
+
+    def restarted() -> dict[str, str] | None:
+        props = unit_properties(box, "ActiveState", "SubState", "MainPID", "NRestarts", "Result")
+        assert props["ActiveState"] != "failed", props
+        running = (props["ActiveState"], props["SubState"]) == ("active", "running")
+        return props if running and props["MainPID"] not in ("0", old_pid) else None
+
+    props = wait_until(restarted, timeout, "restarted and ready knotd")
+    wait_until(lambda: box.sh(f"curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{status_port}/readyz")
+               .strip() == "200", 30, "/readyz 200")
+    return props
+
+
+def _journal_events(journal: str) -> list[dict[str, Any]]:
+    """knotd's own (JSON) journal lines, parsed; systemd's lines about the unit are left out."""
+    events = []
+    for line in journal.splitlines():
+        if line.startswith("{"):
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return events
+
+
 class TestBootDebian:
     pytestmark = needs_root
 
@@ -550,6 +596,93 @@ class TestBootDebian:
             assert "MemoryDenyWriteExecute" in journal
         finally:
             box.sh("rm -rf /etc/systemd/system/knotd.service.d && systemctl daemon-reload")
+            _stop_and_reset(box)
+
+    def test_kill_9_mid_session_restarts_and_records_the_session_as_crashed(self, box, livekit, status_port):
+        """1. knotd runs and a caller is in a room with it (a session: its marker is in /var/lib/knotd/open/).
+        2. `kill -9` of knotd's main process (as the OOM killer at MemoryMax= does).
+
+        Result: systemd restarts it (Restart=on-failure): the journal says the main process was killed and a
+        restart was scheduled, NRestarts goes up by one, and knotd is READY again (active/running, /readyz
+        200). At that start knotd appends the killed session's record with outcome "crashed" to
+        sessions.jsonl, logs session_recovered_as_crashed with its id, counts it in
+        knotd_sessions_total{outcome="crashed"}, and leaves no marker behind. So does the marker of an
+        earlier knotd whose pid is now another user's process (PID 1; after a power cut and a reboot pids come
+        round again): the sandbox hides that process (ProtectProc=invisible), which is not taken for a live knotd.
+        """
+        before = _start_fresh(box)
+        try:
+            with CallerInRoom(livekit, "caller-killed", "room-killed", AGENT):
+                marker = wait_until(lambda: box.sh(f"cat {STATE_DIR}/open/*.json 2>/dev/null || true").strip(),
+                                    120, "session marker in the state directory")
+                marker = json.loads(marker)
+                session_id = marker["session_id"]
+                assert marker["room"] == "room-killed"
+                assert marker["boot_id"] and isinstance(marker["pid_start"], int), marker  # readable in the sandbox
+                # A session of an earlier knotd that died too, whose pid now belongs to another process (PID 1).
+                earlier = dict(marker, session_id="AJ_earlier_pid_reused", room="room-earlier", pid=1)
+                box.sh(f"install -o knotd -g knotd -m 0640 /dev/stdin {STATE_DIR}/open/earlier.json",
+                       stdin=json.dumps(earlier))
+                cursor = journal_cursor(box)
+                box.sh(f"kill -9 {before['MainPID']}")
+                started = time.monotonic()
+                after = _back_up_after(box, before["MainPID"], status_port)
+                TIMINGS["kill_9_to_ready_s"] = time.monotonic() - started
+                journal = journal_since(box, cursor)
+            assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1, (before, after)
+            assert "Main process exited, code=killed, status=9/KILL" in journal, journal[-3000:]
+            assert "Scheduled restart job, restart counter is at" in journal, journal[-3000:]
+            recovered = [e for e in _journal_events(journal) if e.get("event") == "session_recovered_as_crashed"]
+            ids = sorted([session_id, earlier["session_id"]])
+            assert sorted(e.get("session_id") for e in recovered) == ids, journal[-3000:]
+            records = [json.loads(line) for line in box.sh(f"cat {STATE_DIR}/sessions.jsonl").splitlines()]
+            crashed = sorted((r["session_id"], r["room"]) for r in records if r["outcome"] == "crashed")
+            assert crashed == sorted([(session_id, "room-killed"), (earlier["session_id"], "room-earlier")]), records
+            left_open = box.sh(f"cat {STATE_DIR}/open/*.json 2>/dev/null || true")
+            assert session_id not in left_open and earlier["session_id"] not in left_open, left_open
+            metrics = box.sh(f"curl -s http://127.0.0.1:{status_port}/metrics")
+            assert re.search(r'^knotd_sessions_total\{outcome="crashed"\} 2(\.0)?$', metrics, re.MULTILINE), metrics
+        finally:
+            _stop_and_reset(box)
+
+    def test_a_hung_knotd_is_killed_by_the_watchdog_and_restarted(self, box, status_port):
+        """1. A drop-in shortens WatchdogSec= to 10 s, for test time only. 2. knotd runs; SIGSTOP freezes it (a
+        hung event loop sends no WATCHDOG=1).
+
+        Result: after the watchdog timeout systemd logs "Watchdog timeout", aborts knotd with SIGABRT (Python's
+        faulthandler writes every thread's stack to the journal) and restarts it: NRestarts goes up by one and
+        knotd is READY again (active/running, /readyz 200).
+
+        The shipped 30 s stays what production runs: the watchdog ends every running call, so it is the last
+        resort, well above any stall a loaded 2-vCPU VM can have (garbage collection, reclaim above
+        MemoryHigh=, CPU starvation at max_sessions), while /healthz already turns unhealthy at 5 s of loop
+        lag for monitoring; and 30 s still bounds a hang's outage to under a minute (+ RestartSec=5s + a start).
+        """
+        box.sh(f"mkdir -p {Path(WATCHDOG_DROP_IN).parent} && printf '[Service]\\nWatchdogSec={WATCHDOG_TEST_S}\\n' "
+               f"> {WATCHDOG_DROP_IN} && systemctl daemon-reload")
+        pid = ""
+        try:
+            before = _start_fresh(box)
+            pid = before["MainPID"]
+            assert unit_properties(box, "WatchdogUSec")["WatchdogUSec"] == f"{WATCHDOG_TEST_S}s"
+            cursor = journal_cursor(box)
+            box.sh(f"kill -STOP {pid}")
+            started = time.monotonic()
+            after = _back_up_after(box, pid, status_port)
+            TIMINGS["watchdog_stop_to_ready_s"] = time.monotonic() - started
+            journal = journal_since(box, cursor)
+            assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1, (before, after)
+            assert f"Watchdog timeout (limit {WATCHDOG_TEST_S}s)!" in journal, journal[-3000:]
+            assert re.search(rf"Killing process {pid} \(\S+\) with signal SIGABRT", journal), journal[-3000:]
+            # PYTHONFAULTHANDLER's stacks. Not asserted: the exit status, 6/ABRT in most runs, but 11/SEGV when
+            # faulthandler's dump of the other (running) threads crashes part-way (1 of 8 runs).
+            assert "Fatal Python error: Aborted" in journal, journal[-3000:]
+            assert "Failed with result 'watchdog'" in journal, journal[-3000:]
+            assert "Scheduled restart job, restart counter is at" in journal, journal[-3000:]
+        finally:
+            if pid:
+                box.run(f"kill -CONT {pid}")  # a frozen process would hold the stop for TimeoutStopSec
+            box.sh(f"rm -f {WATCHDOG_DROP_IN} && systemctl daemon-reload")
             _stop_and_reset(box)
 
     def test_upgrade_keeps_the_edited_config_and_restarts(self, box, debs, release, livekit, status_port):

@@ -14,7 +14,11 @@ import shlex
 import shutil
 import socket
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from tests.nspawn.container import Container
 
@@ -23,6 +27,7 @@ BUILD_SCRIPT = ROOT / "packaging" / "deb" / "build.sh"
 INSTALL_DOC = ROOT / "docs" / "install.md"
 DEB_NAME = re.compile(r"knotd_[^\s/]+_amd64\.deb")
 MODEL_DEB_NAME = re.compile(r"(?:\./)?knotd-model-whisper-base_[^\s/]+_all\.deb")
+T = TypeVar("T")
 
 
 def upstream_version() -> str:
@@ -133,6 +138,10 @@ class LiveKitProcess:
         finally:
             self._loop.close()
 
+    def token(self, identity: str, room: str, *, agent_name: str | None = None) -> str:
+        """A join token for ``room``; with ``agent_name``, joining dispatches that agent to the room."""
+        return self._server.token(identity, room, agent_name=agent_name)
+
     def registered_workers(self) -> set[str]:
         """Worker ids the server logged as registered."""
         ids = set()
@@ -166,3 +175,66 @@ def exposure_score(security_output: str) -> float:
     if not match:
         raise ValueError(f"no exposure level in:\n{security_output[-1000:]}")
     return float(match.group(1))
+
+
+def wait_until(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.25) -> T:
+    """Poll ``probe`` until it returns something other than None (or False/""), and return that.
+
+    Raises:
+        TimeoutError: ``timeout`` seconds passed first; names ``what`` and the last value seen.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {timeout:.0f}s (last seen: {value!r})")
+        time.sleep(interval)
+
+
+class CallerInRoom:
+    """A caller (tests/room_caller.py, the livekit rtc SDK) in a room of ``livekit``, for synchronous tests.
+
+    The caller lives on an event loop in its own thread, so it stays connected (and the session with it) while
+    the test blocks on commands in the container. Use as a context manager: joined on entry, left on exit.
+    """
+
+    def __init__(self, livekit: LiveKitProcess, identity: str, room: str, agent_name: str,
+                 timeout: float = 60) -> None:
+        self._token = livekit.token(identity, room, agent_name=agent_name)
+        self._url = livekit.url
+        self._identity = identity
+        self._timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"caller:{identity}", daemon=True)
+        self.caller = None
+
+    def _run(self, coro, timeout: float):  # noqa: ANN001, ANN202 - a coroutine and its result
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def __enter__(self) -> CallerInRoom:
+        from tests.room_caller import Caller
+
+        async def join() -> Caller:
+            caller = Caller(self._identity)  # its rtc.Room binds to this (the thread's) loop
+            await caller.join(self._url, self._token, microphone=False)
+            return caller
+
+        self._thread.start()
+        try:
+            self.caller = self._run(join(), self._timeout)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.caller is not None:
+                self._run(self.caller.leave(), self._timeout)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(self._timeout)
+            if not self._thread.is_alive():
+                self._loop.close()
