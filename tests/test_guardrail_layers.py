@@ -250,7 +250,7 @@ def test_evaluation_set_shares_no_line_with_exemplars_or_unit_tests():
     import tests.test_guardrails as unit
 
     shipped = tomllib.loads((ROOT / "knotd" / "data" / "guardrails.toml").read_text(encoding="utf-8"))
-    exemplars = [e for r in shipped["rule"] for e in r.get("exemplars", [])]
+    exemplars = [e for r in shipped["rule"] for key in ("exemplars", "output_exemplars") for e in r.get(key, [])]
     exemplars += shipped["semantic"]["safe_input"] + shipped["semantic"]["safe_output"]
     cases = unit.SAFE_INPUT + unit.SAFE_OUTPUT + [t for _, t in unit.UNSAFE_INPUT + unit.UNSAFE_OUTPUT]
     cases += [t for values in (DISGUISED.values(),) for t in values]
