@@ -7,8 +7,11 @@ A phase of the script may carry a ``[phase.<name>.recognition]`` table (see ``kn
   (``Wochen = ["woche", "wochen"]``, matched like guardrail word lists; ``*`` = any letters).
 
 ``prompt(question)`` is what Whisper reads before the caller's answer: the question the agent asked and the
-canonical words. ``normalise(answer)`` is the answer reduced to its terms in the order said, each with the
-number before it ("seit ungefähr drei Wochen" -> "3 Wochen") and a negation next to it ("schmerzt nicht").
+canonical words. ``correct(transcript)`` rewrites what Whisper still mishears into those words when it is
+close in letters and in sound ("Kielkopf" -> "Kehlkopf", "Kirche" -> "Kirsche"); the STT applies it before
+anyone reads the transcript. ``normalise(answer)`` is the answer reduced to its terms in the order said, each
+with the number before it ("seit ungefähr drei Wochen" -> "3 Wochen") and a negation next to it ("schmerzt
+nicht").
 
 Pure: no I/O, no livekit.
 """
@@ -82,27 +85,31 @@ class Term:
 
 # -- near-miss correction -----------------------------------------------------------------------------
 
-# A transcript word (or two or three written apart: "Kiel kopf", "Kail-Kopf") is rewritten to a term of the
+# A transcript word (or two written apart: "Kiel kopf", "Kail-Kopf") is rewritten to a term of the
 # phase when it sounds and looks like it: the mean of the letter similarity and the Kölner Phonetik code
 # similarity (each 1 - edit distance / longer length) reaches CORRECTION_THRESHOLD. Chosen on the tuning
 # half of tests/phase_answers.py (benchmarks/stt_context.py --set tuning --show): at 0.72 every rewrite of
 # those transcripts is right ("Kielkopf" → Kehlkopf 0.88, "Kirche" → Kirsche 0.76, "gemachsend" →
-# gewachsen, "Pallnuss" → Walnuss) and no word of a correctly heard answer changes; at 0.70 "oberhalb",
-# heard as "oder halb", became "oder Hals", and at 0.68 "groß" became "größer".
+# gewachsen 0.73, "Pallnuss" → Walnuss 0.75) and no word of a correctly heard answer changes; at 0.70
+# "oberhalb", heard as "oder halb", became "oder Hals" (0.71; "Haus" → Hals is left at the same score), and
+# at 0.68 "groß" became "größer" (0.69).
 CORRECTION_THRESHOLD = 0.72
 # Heard pieces shorter than this (letters, normalised) are never rewritten alone: "als", "Tag", "am".
 MIN_CORRECTED_LETTERS = 4
-MAX_JOINED_WORDS = 3
+MAX_JOINED_WORDS = 2
 _HEARD = re.compile(r"\w+")
 _JOINER = re.compile(r"[\s-]*")  # what may stand between the pieces of one misheard word
 
 
-def _edit_distance(a: str, b: str) -> int:
+def _edit_distance(a: str, b: str, limit: int | None = None) -> int:
+    """Levenshtein distance; above ``limit`` it stops early and returns ``limit + 1``."""
     previous = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
         current = [i]
         for j, cb in enumerate(b, 1):
             current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        if limit is not None and min(current) > limit:
+            return limit + 1
         previous = current
     return previous[-1]
 
@@ -159,9 +166,20 @@ class _Form:
         letters = "".join(_HEARD.findall(normalize(text))).replace("_", "")
         return cls(text, letters, koelner_phonetik(letters))
 
-    def score(self, letters: str, code: str) -> float:
-        """How like this form a heard run is (`letters` normalised, `code` their Kölner Phonetik), 0…1."""
-        return (_similarity(letters, self.letters) + _similarity(code, self.code)) / 2
+    def score(self, letters: str, code: str, at_least: float) -> float:
+        """How like this form a heard run is (`letters` normalised, `code` their Kölner Phonetik), 0…1; 0 when
+        it is below `at_least`. The short codes are compared first; the letters only as far as could still
+        reach `at_least`: most pairs are settled without a full comparison."""
+        longer = max(len(letters), len(self.letters), 1)
+        if abs(len(letters) - len(self.letters)) > (2 - 2 * at_least) * longer:  # even if they sound the same
+            return 0.0
+        sounds = _similarity(code, self.code)
+        looks_at_least = 2 * at_least - sounds
+        if looks_at_least > 1:
+            return 0.0
+        distance = _edit_distance(letters, self.letters, int((1 - looks_at_least) * longer + 1e-9))
+        score = (1 - distance / longer + sounds) / 2
+        return score if score >= at_least else 0.0
 
 
 @dataclass(frozen=True)
@@ -185,9 +203,9 @@ class Recognition:
         """``text`` with near-misses of the phase's terms rewritten to them ("Kielkopf" → "Kehlkopf",
         "Kiel kopf" → "Kehlkopf", "Kirche" → "Kirsche" when the size is asked); nothing else is changed.
 
-        A run of one to three heard words (apart only by spaces or hyphens) is rewritten to the term form
-        it is most like when that similarity reaches `CORRECTION_THRESHOLD` (see `_Form.score`); a word that
-        already is a term is kept, and overlapping candidates go to the most similar. Only this phase's
+        One heard word, or two apart only by spaces or hyphens, is rewritten to the term form it is most like
+        when that similarity reaches `CORRECTION_THRESHOLD` (see `_Form.score`); a word that already is a
+        term is kept, and overlapping candidates go to the most similar. Only this phase's
         terms are candidates: outside their question "Kirche" stays a church.
         """
         tokens = list(_HEARD.finditer(text))
@@ -206,7 +224,7 @@ class Recognition:
                 if len(letters) < MIN_CORRECTED_LETTERS or (j > i and self._is_term(" ".join(keys[i:j + 1]))):
                     continue
                 score, form = self._nearest(letters)
-                if form is not None and score >= CORRECTION_THRESHOLD:
+                if form is not None:
                     heard = tokens[i].group()
                     # "Link in der Brust" → "Links in der Brust": the heard word's capital stays.
                     written = form.text[:1].upper() + form.text[1:] if heard[:1].isupper() else form.text
@@ -225,15 +243,13 @@ class Recognition:
         return any(regex.fullmatch(normalized) for term in self.terms for regex in term.spellings)
 
     def _nearest(self, letters: str) -> tuple[float, _Form | None]:
+        """The form most like `letters` if it reaches `CORRECTION_THRESHOLD`, with its score; else (0, None)."""
         best: tuple[float, _Form | None] = (0.0, None)
-        # The mean of two similarities reaches the threshold only if the letters alone reach 2·threshold − 1.
-        slack = 2 - 2 * CORRECTION_THRESHOLD
         code = koelner_phonetik(letters)
         for form in self.forms:
-            if abs(len(form.letters) - len(letters)) <= slack * max(len(form.letters), len(letters)):
-                score = form.score(letters, code)
-                if score > best[0]:
-                    best = (score, form)
+            score = form.score(letters, code, max(CORRECTION_THRESHOLD, best[0]))
+            if score > best[0]:
+                best = (score, form)
         return best
 
     def prompt(self, question: str | None) -> str:
