@@ -10,14 +10,17 @@ half and a held-back half (the default here; report on it, tune on the other). E
 by the product's `WhisperTranscriber` two ways, interleaved, `--runs` times each:
 
 - without context: what knotd did before (hotwords only);
-- with context: the prompt the session builds (`Recognition.prompt`: the phase's question as the agent
-  said it, then the phase's words from phases.toml), and the echo guard.
+- with context: what the session does now: the prompt it builds (`Recognition.prompt`: the phase's
+  question as the agent said it, then the phase's words from phases.toml), the echo guard, and the phase's
+  near-miss correction of the decoded text (`Recognition.correct`);
+- prompt only: the same decode before the correction (`Transcript.heard`), to show what each step adds.
 
 Printed side by side: word error rate (over all words; digits read as German number words), domain-word
 accuracy (the labelled place/size/duration/change words found in the transcript, exact word), answers
 understood (`Recognition.normalise` found a term), per phase; then the latency the context adds per
 utterance (p50/p95 over clips of the median paired difference, and of the difference between each side's
-fastest run, which other load on the machine disturbs least), and the 20 silence/noise clips
+fastest run, which other load on the machine disturbs least; and of the correction alone), and the 20
+silence/noise clips
 transcribed with every phase's context: how many gave text, how many of those echo the prompt, how many
 the guard dropped. The machine is shared: timings move with its load (printed). Asserts nothing.
 """
@@ -29,6 +32,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.*` when run as a script
@@ -85,9 +89,10 @@ class Side:
         return self.found / max(1, self.labelled)
 
 
-def timed(transcriber: WhisperTranscriber, pcm: np.ndarray, prompt: str | None) -> tuple[float, Transcript]:
+def timed(transcriber: WhisperTranscriber, pcm: np.ndarray, prompt: str | None,
+          correct: Callable[[str], str] | None = None) -> tuple[float, Transcript]:
     start = time.perf_counter()
-    result = transcriber.transcribe_pcm(pcm, prompt=prompt)
+    result = transcriber.transcribe_pcm(pcm, prompt=prompt, correct=correct)
     return time.perf_counter() - start, result
 
 
@@ -120,7 +125,8 @@ def main() -> None:
           f"({args.set}{', without noise' if args.no_noise else ''}), {args.runs} timed runs per side")
     print(f"# machine: {describe_machine()}; load average before {load_before}")
 
-    base, ctx = Side(), Side()
+    base, ctx, uncorrected = Side(), Side(), Side()
+    correction_s: list[float] = []
     rows = []
     noisy = not args.no_noise
     warm = answer_pcm(answers[0], noisy=noisy)
@@ -129,19 +135,25 @@ def main() -> None:
         phase = script.phase(answer.phase)
         assert phase.recognition is not None, f"{answer.phase} has no recognition context"
         prompt = phase.recognition.prompt(phase.say)
+        correct = phase.recognition.correct
         pcm = answer_pcm(answer, noisy=noisy)
         if i == 0:
-            timed(transcriber, pcm, prompt)
+            timed(transcriber, pcm, prompt, correct)
         results: dict[str, Transcript] = {}
         for run in range(args.runs):
             order = (("base", None), ("ctx", prompt)) if run % 2 == 0 else (("ctx", prompt), ("base", None))
             for side, side_prompt in order:
-                t, result = timed(transcriber, pcm, side_prompt)
+                t, result = timed(transcriber, pcm, side_prompt, correct if side == "ctx" else None)
                 (base if side == "base" else ctx).times.setdefault(answer, []).append(t)
                 results.setdefault(side, result)
         base.add(answer, results["base"], phase.recognition.understood(results["base"].text))
         ctx.add(answer, results["ctx"], phase.recognition.understood(results["ctx"].text))
-        rows.append((answer, results["base"].text, results["ctx"].text))
+        prompted = results["ctx"]._replace(text="" if results["ctx"].dropped else results["ctx"].heard)
+        uncorrected.add(answer, prompted, phase.recognition.understood(prompted.text))
+        start = time.perf_counter()
+        correct(prompted.text)
+        correction_s.append(time.perf_counter() - start)
+        rows.append((answer, results["base"].text, prompted.text, results["ctx"].text))
         print(f"  {i + 1}/{len(answers)}", end="\r", file=sys.stderr, flush=True)
 
     added = [statistics.median(c - b for b, c in zip(base.times[a], ctx.times[a], strict=True)) for a in answers]
@@ -161,7 +173,7 @@ def main() -> None:
             phase = script.phase(name)
             assert phase.recognition is not None
             prompt = phase.recognition.prompt(phase.say)
-            result = transcriber.transcribe_pcm(pcm, prompt=prompt)
+            result = transcriber.transcribe_pcm(pcm, prompt=prompt, correct=phase.recognition.correct)
             texts += bool(result.text)
             echoes += bool(result.text) and _overlaps(result.text, prompt)
             caught += result.dropped is not None
@@ -170,30 +182,34 @@ def main() -> None:
 
     load_after = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print()
-    header = f"{'':<34} {'without context':>16} {'with context':>14}   target"
+    sides = (base, uncorrected, ctx)
+
+    def row(label: str, cells: list[str], target: str = "") -> None:
+        print(f"{label:<34} {cells[0]:>16} {cells[1]:>14} {cells[2]:>14}   {target}".rstrip())
+
+    header = f"{'':<34} {'without context':>16} {'prompt only':>14} {'with context':>14}   target"
     print(header)
     print("-" * len(header))
-    print(f"{'domain-word accuracy':<34} {base.domain:>15.1%} {ctx.domain:>14.1%}   {TARGETS['domain']}")
-    print(f"{'  (words found / labelled)':<34} {f'{base.found}/{base.labelled}':>16} "
-          f"{f'{ctx.found}/{ctx.labelled}':>14}")
+    row("domain-word accuracy", [f"{s.domain:.1%}" for s in sides], TARGETS["domain"])
+    row("  (words found / labelled)", [f"{s.found}/{s.labelled}" for s in sides])
     for name in phases:
-        b, c = base.by_phase.get(name, [0, 0]), ctx.by_phase.get(name, [0, 0])
-        print(f"{'  ' + name:<34} {f'{b[0]}/{b[1]}':>16} {f'{c[0]}/{c[1]}':>14}")
-    print(f"{'word error rate':<34} {base.wer:>16.3f} {ctx.wer:>14.3f}   {TARGETS['wer']}")
-    print(f"{'answers understood (normalised)':<34} {f'{base.understood}/{len(answers)}':>16} "
-          f"{f'{ctx.understood}/{len(answers)}':>14}")
-    print(f"{'answers dropped by the echo guard':<34} {'–':>16} {len(ctx.dropped):>14}   0")
-    print(f"{'time per utterance p50 / p95 (s)':<34} {f'{pct(base_t, 50):.3f} / {pct(base_t, 95):.3f}':>16} "
-          f"{f'{pct(ctx_t, 50):.3f} / {pct(ctx_t, 95):.3f}':>14}")
-    print(f"{'latency added p50 / p95 (ms)':<34} {'':>16} "
-          f"{f'{pct(added, 50) * 1000:.0f} / {pct(added, 95) * 1000:.0f}':>14}   {TARGETS['added_p95']}")
-    print(f"{'  fastest run vs fastest run (ms)':<34} {'':>16} "
-          f"{f'{pct(added_min, 50) * 1000:.0f} / {pct(added_min, 95) * 1000:.0f}':>14}")
+        row("  " + name, [f"{p[0]}/{p[1]}" for p in (s.by_phase.get(name, [0, 0]) for s in sides)])
+    row("word error rate", [f"{s.wer:.3f}" for s in sides], TARGETS["wer"])
+    row("answers understood (normalised)", [f"{s.understood}/{len(answers)}" for s in sides])
+    row("answers dropped by the echo guard", ["–", str(len(ctx.dropped)), str(len(ctx.dropped))], "0")
+    row("time per utterance p50 / p95 (s)", [f"{pct(base_t, 50):.3f} / {pct(base_t, 95):.3f}", "",
+                                             f"{pct(ctx_t, 50):.3f} / {pct(ctx_t, 95):.3f}"])
+    row("latency added p50 / p95 (ms)", ["", "", f"{pct(added, 50) * 1000:.0f} / {pct(added, 95) * 1000:.0f}"],
+        TARGETS["added_p95"])
+    row("  fastest run vs fastest run (ms)", ["", "", f"{pct(added_min, 50) * 1000:.0f} / "
+                                              f"{pct(added_min, 95) * 1000:.0f}"])
+    row("  of it the correction (ms)", ["", "", f"{pct(correction_s, 50) * 1000:.1f} / "
+                                        f"{pct(correction_s, 95) * 1000:.1f}"])
     n_noise = len(NOISES)
-    print(f"{'no-speech clips giving text':<34} {f'{base_texts}/{n_noise}':>16} "
-          f"{f'{texts}/{n_noise * len(phases)}':>14}   (with context: every clip × {len(phases)} phases)")
-    print(f"{'  of which echo the prompt':<34} {'':>16} {echoes:>14}   {TARGETS['echo']}")
-    print(f"{'  dropped by the echo guard':<34} {'':>16} {caught:>14}")
+    row("no-speech clips giving text", [f"{base_texts}/{n_noise}", "", f"{texts}/{n_noise * len(phases)}"],
+        f"(with context: every clip × {len(phases)} phases)")
+    row("  of which echo the prompt", ["", "", str(echoes)], TARGETS["echo"])
+    row("  dropped by the echo guard", ["", "", str(caught)])
     print(f"# load average after {load_after}")
     for line in ctx.dropped:
         print(f"  dropped answer: {line}")
@@ -202,11 +218,11 @@ def main() -> None:
         print(f"  noise {clip_name:<16} {phase_name:<13} {state:<18} {result.heard!r} "
               f"no_speech {result.no_speech_prob:.2f}")
     if args.show:
-        print("\n# transcripts (reference / without / with context)")
-        for answer, without, with_ctx in rows:
+        print("\n# transcripts (reference / without context / prompt only / with context)")
+        for answer, without, prompt_only, with_ctx in rows:
             r = rendering(answer)
             print(f"{answer.phase} [{r.voice} {r.rate_wpm} wpm, {r.noise} {r.snr_db} dB]\n  ref  {answer.text}\n"
-                  f"  none {without}\n  ctx  {with_ctx}")
+                  f"  none {without}\n  ctx  {prompt_only}\n  corr {with_ctx}")
 
 
 def _overlaps(text: str, prompt: str) -> bool:

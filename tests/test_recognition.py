@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from knotd.conversation.phases import PhaseMachine, PhaseScript
+from knotd.conversation.recognition import koelner_phonetik
 from knotd.speech.whisper import is_prompt_echo
 from tests import test_phases as phase_tests
 
@@ -146,3 +147,66 @@ def test_an_answer_in_the_words_of_the_question_is_not_an_echo(script):
     """Heard right, "Die Haut darüber ist gerötet." shares four words with its question; it is an answer."""
     phase = script.phase("step_changes")
     assert not is_prompt_echo("Die Haut darüber ist gerötet.", phase.recognition.prompt(phase.say))
+
+
+# -- near-miss correction: what the STT hands the session -----------------------------------------------
+
+@pytest.mark.parametrize(("phase", "heard", "corrected"), [
+    # The issue's examples: the demo's location answer as Whisper base wrote it, with and without context.
+    ("step_location", "Er fliegt Tom Hals, Leben dem Kielkopf.", "Er fliegt Tom Hals, Leben dem Kehlkopf."),
+    ("step_location", "Elite Tomhals, live in dem Kail-Kopf.", "Elite Tomhals, live in dem Kehlkopf."),
+    ("step_location", "Er liegt im Haus, live in dem Kiel kopf.", "Er liegt im Haus, live in dem Kehlkopf."),
+    ("step_size", "Etma, so groß, wie eine Kirche.", "Etma, so groß, wie eine Kirsche."),
+    # From the tuning half of tests/phase_answers.py (benchmarks/stt_context.py --set tuning --show).
+    ("step_location", "Link in der Prost, oder halb der Prost-Machsel.",
+     "Links in der Brust, oder halb der Brust-Achsel."),
+    ("step_size", "Etma, so goss, nie einer Pallnuss.", "Etma, so goss, nie einer Walnuss."),
+    ("step_since", "Naht es mach's ihn taugen.", "Naht es mach's ihn Tagen."),  # a spelling: Tagen, not Tage
+    ("step_changes", "Ja, er ist gemachsend.", "Ja, er ist gewachsen."),
+    ("step_changes", "Er schmärkt nicht, ist haben gemacht sind.", "Er schmerzt nicht, ist haben gemacht sind."),
+])
+def test_near_misses_of_the_phases_words_are_written_as_the_words(script, phase, heard, corrected):
+    recognition = script.phase(phase).recognition
+    assert recognition.correct(heard) == corrected
+    assert recognition.normalise(corrected) is not None
+
+
+def test_a_correctly_heard_answer_is_never_rewritten(script):
+    """Every answer of the tuning half, heard word for word, comes out of its phase's correction unchanged."""
+    from tests.phase_answers import TUNING
+
+    changed = [(a.text, script.phase(a.phase).recognition.correct(a.text)) for a in TUNING]
+    assert [pair for pair in changed if pair[0] != pair[1]] == []
+
+
+@pytest.mark.parametrize(("phase", "text"), [
+    ("step_location", "Wir waren in der Kirche."),  # Kirsche is a size: not a candidate while the place is asked
+    ("step_size", "Er sitzt am Hals, neben dem Kehlkopf."),
+    ("step_location", "Oder halb der Brust."),  # "halb" is one letter from "Hals", but does not sound like it
+    ("step_changes", "Er ist so groß wie am Anfang."),  # "groß" is not "größer"
+    ("step_since", "Ich habe ihn am Tag bemerkt."),  # short words are never rewritten alone
+    ("consent", "Ja, gerne."),  # a phase without recognition context has nothing to correct towards
+])
+def test_ordinary_words_and_other_phases_words_stay(script, phase, text):
+    recognition = script.phase(phase).recognition
+    assert (recognition.correct(text) if recognition is not None else text) == text
+
+
+def test_the_correction_follows_the_phase_script(tmp_path):
+    """The words come from the script: a replaced script corrects towards its own terms."""
+    content = SCRIPT.replace("{recognition}", '[phase.ask.recognition]\nfield = "location"\n'
+                                              'terms = { Ellenbogen = [], "Knöchel" = ["knoechel"] }'
+                             ).replace("{other}", "")
+    path = tmp_path / "phases.toml"
+    path.write_text(content, encoding="utf-8")
+    recognition = PhaseScript.load(path).phase("ask").recognition
+    assert recognition.correct("Am Elenbogen, nicht am Knüchel.") == "Am Ellenbogen, nicht am Knöchel."
+    assert recognition.correct("Am Kehl kopf.") == "Am Kehl kopf."
+
+
+@pytest.mark.parametrize(("word", "code"), [
+    ("wikipedia", "3412"), ("muellerluedenscheidt", "65752682"), ("kielkopf", "45413"),
+    ("kehlkopf", "45413"), ("prost", "1782"), ("brust", "1782"), ("xaver", "4837"),
+])
+def test_koelner_phonetik_codes(word, code):
+    assert koelner_phonetik(word) == code

@@ -15,8 +15,8 @@ import pytest
 from knotd.agent import register_plugins
 from knotd.agent.local_io import read_wav
 from knotd.agent.local_session import converse
-from knotd.agent.session import AgentResources
-from knotd.agent.stt import WhisperSTT, WhisperTranscriber
+from knotd.agent.session import AgentResources, KnotencheckSession
+from knotd.agent.stt import Context, WhisperSTT, WhisperTranscriber
 from knotd.bootstrap import session_observers
 from knotd.config import SessionSettings, Settings, SttSettings
 from knotd.conversation.phases import PhaseScript
@@ -177,3 +177,47 @@ async def test_the_speculative_run_is_transcribed_with_the_sessions_context(scri
     text = [e for e in events if e.alternatives][-1].alternatives[0].text
     assert stt.speculative and asked and used and set(used) == {prompt}
     assert script.phase("step_location").recognition.normalise(text) == "Hals, Kehlkopf", text
+
+
+async def test_the_stt_hands_over_the_phase_corrected_transcript(script, settings):
+    """Without a prompt Whisper base hears the bundled size answer as "… wie eine Kirche."; with the size
+    phase's correction in the context, the transcript livekit gets (and the session after it) says Kirsche."""
+    frames = to_frames((bundled_pcm("demo_de_3.wav") * 32768).astype(np.int16), 16000)
+    size = script.phase("step_size").recognition
+
+    async def heard(context: Context) -> str:
+        stt = WhisperSTT(shared_whisper(), settings, prompt=lambda: context)
+        return (await stt.recognize(frames)).alternatives[0].text
+
+    assert size.normalise(await heard(Context(None))) is None, "Whisper now hears this clip right"
+    text = await heard(Context(None, size.correct))
+    assert size.normalise(text) == "Kirsche", text
+
+
+async def test_the_session_corrects_what_it_hears_towards_the_current_phase(models, model_dir, tmp_path):
+    """A session asking whether the knot has changed hears "Ja, er ist gewachsen." (espeak-ng, noise, from the
+    tuning half) through its own STT as "Ja, er ist gemachsend." and hands on "gewachsen": the text the
+    guardrails, the phase machine and the summary get."""
+    from tests.phase_answers import TUNING, answer_samples
+
+    settings = Settings(stt=SttSettings(model=str(model_dir)),
+                        session=SessionSettings(state_dir=str(tmp_path), record_transcripts=True))
+    state = DaemonState()
+    state.bind_loop(asyncio.get_running_loop())
+    conversation = KnotencheckSession(AgentResources.load(settings, models), session_observers(settings, state),
+                                      "s-correct", "room-1")
+    for answer in (None, "Ja.", "Am Hals.", "Wie eine Erbse.", "Seit drei Wochen."):
+        conversation.machine.respond(answer)
+    assert conversation.machine.current == "step_changes"
+    answer = next(a for a in TUNING if a.text == "Ja, er ist gewachsen.")
+    frames = to_frames(answer_samples(answer), 16000)
+
+    stt = conversation.session.stt
+    context = conversation.recognition_context()
+    result = await stt.transcribe_frames(frames, None, context)
+    assert "gewachsen" not in result.heard.lower(), "Whisper now hears this clip right"
+    text = (await stt.recognize(frames)).alternatives[0].text
+    assert text == result.text and "gewachsen" in text, (result.heard, text)
+    conversation.machine.respond(text)
+    assert conversation.machine.recognised_answers(with_values=True)["changes"].answer == "gewachsen"
+    await conversation.aclose("disconnected")

@@ -28,7 +28,7 @@ from livekit.agents.voice import io as voice_io
 from knotd import stages
 from knotd.agent.llm import latest_user_message
 from knotd.agent.observer import SessionObserver
-from knotd.agent.stt import WhisperSTT, speculative_vad
+from knotd.agent.stt import Context, WhisperSTT, speculative_vad
 from knotd.agent.turn_detector import MODEL_VAD_SILENCE_S, EndOfTurnDetector
 from knotd.bridge import Signal, TaskBridge
 from knotd.config import Settings
@@ -203,7 +203,7 @@ class KnotencheckSession:
         self.cutoffs = CutoffWatch(lambda: observer.turn_cut_off(session_id, self.detection))
         with stage("stt_init", shared=True):
             stt = WhisperSTT(models.whisper, settings.stt, vad=vad, release_silence_s=release_silence_s,
-                             prompt=self.recognition_prompt if settings.stt.context else None)
+                             prompt=self.recognition_context if settings.stt.context else None)
         with stage("llm_init"):
             self.llm = build_llm(settings.llm, self.machine)
         self.tts = tts if tts is not None else build_tts(settings.tts)  # times itself as the tts_init stage
@@ -339,12 +339,13 @@ class KnotencheckSession:
         await participant.publish_data(payload, reliable=True, topic=WIRE_TOPIC,
                                        destination_identities=to or [])
 
-    def recognition_prompt(self) -> str | None:
-        """Whisper's context for the caller's next words: the agent's last line and the phase's expected words."""
+    def recognition_context(self) -> Context:
+        """Whisper's context for the caller's next words: the agent's last line and the phase's expected words
+        as its prompt, and the phase's near-miss correction of what it decodes."""
         recognition = self.machine.phase.recognition
         if recognition is not None:
-            return recognition.prompt(self.agent_line or self.machine.line())
-        return self.agent_line or None
+            return Context(recognition.prompt(self.agent_line or self.machine.line()), recognition.correct)
+        return Context(self.agent_line or None)
 
     def _log_hit(self, direction: str, verdict: Verdict) -> None:
         log.info("guardrail_hit", session_id=self.session_id, direction=direction, rule=verdict.rule,

@@ -18,9 +18,11 @@ turn detection) asks the stream for that transcript with a flush at the VAD's en
 silence as the session's, for turn modes that never flush.
 
 Recognition context: the session passes a `prompt` function; every transcription (the speculative ones too)
-calls it on the event loop when it starts and hands the string to Whisper with that one call. The model is
-shared by all sessions, the prompt never is: it is an argument, not state. A prompted transcript that is
-an echo of its prompt, or no speech, comes back empty (`knotd.speech.whisper`) and is counted in
+calls it on the event loop when it starts and hands what it returns to Whisper with that one call: the
+prompt string, or a `Context` with the prompt and the phase's near-miss correction, which rewrites the
+decoded text before anyone sees it (the guardrails, the phase machine, the summary). The model is shared by
+all sessions, the context never is: it is an argument, not state. A prompted transcript that is an echo of
+its prompt, or no speech, comes back empty (`knotd.speech.whisper`) and is counted in
 `knotd_stt_dropped_total{reason}`.
 
 This module does not load models (see `knotd.speech.models`) and does not decide when a turn ends.
@@ -50,11 +52,12 @@ from knotd.speech.whisper import (
     STOCK_WINDOW_S,
     WHISPER_SAMPLE_RATE,
     WINDOW_BUCKETS_S,
+    Context,
     Transcript,
     WhisperTranscriber,
 )
 
-__all__ = ["STOCK_WINDOW_S", "WINDOW_BUCKETS_S", "SpeculativeStream", "Transcript", "WhisperSTT",
+__all__ = ["STOCK_WINDOW_S", "WINDOW_BUCKETS_S", "Context", "SpeculativeStream", "Transcript", "WhisperSTT",
            "WhisperTranscriber", "frame_to_whisper_input", "speculative_vad"]
 
 log = structlog.get_logger(__name__)
@@ -100,7 +103,7 @@ class WhisperSTT(stt.STT):
     """livekit STT around a shared WhisperModel: streaming and speculative when given a VAD, else not."""
 
     def __init__(self, model: WhisperModel, settings: SttSettings, *, vad: lk_vad.VAD | None = None,
-                 model_name: str | None = None, prompt: Callable[[], str | None] | None = None,
+                 model_name: str | None = None, prompt: Callable[[], str | Context | None] | None = None,
                  release_silence_s: float | None = None) -> None:
         """Cheap: builds views on the already loaded `model`.
 
@@ -109,7 +112,7 @@ class WhisperSTT(stt.STT):
                 (see the module docstring). Without it livekit cuts utterances with the session's VAD.
             model_name: reported in livekit's STT metrics; defaults to the model directory's name.
             prompt: the session's recognition context for the next utterance (called on the event loop
-                as each transcription starts); None: no context.
+                as each transcription starts): a prompt, or a `Context` (prompt and correction); None: none.
             release_silence_s: hand a held transcript over unasked after this much silence; default: the
                 session VAD's silence. With the end-of-turn model livekit flushes when the model decides.
         """
@@ -156,9 +159,10 @@ class WhisperSTT(stt.STT):
         """Transcribe 16 kHz mono float32 audio (blocking); see `WhisperTranscriber.transcribe_pcm`."""
         return self._transcriber.transcribe_pcm(pcm, language=language, prompt=prompt)
 
-    def current_prompt(self) -> str | None:
+    def current_context(self) -> Context:
         """The session's recognition context now (call on the session's event loop)."""
-        return self._prompt() if self._prompt is not None else None
+        context = self._prompt() if self._prompt is not None else None
+        return context if isinstance(context, Context) else Context(context)
 
     def stream(self, *, language: NotGivenOr[str] = NOT_GIVEN,
                conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> stt.RecognizeStream:
@@ -178,7 +182,7 @@ class WhisperSTT(stt.STT):
     ) -> stt.SpeechEvent:
         frames = buffer if isinstance(buffer, list) else [buffer]
         result = await self.transcribe_frames(frames, language if utils.is_given(language) else None,
-                                              self.current_prompt())
+                                              self.current_context())
         return stt.SpeechEvent(
             type=stt.SpeechEventType.FINAL_TRANSCRIPT,
             request_id=utils.shortuuid("stt_"),
@@ -186,7 +190,7 @@ class WhisperSTT(stt.STT):
         )
 
     async def transcribe_frames(self, frames: list[rtc.AudioFrame], language: str | None,
-                                prompt: str | None = None, *,
+                                prompt: str | Context | None = None, *,
                                 submitted: Callable[[Future[Transcript]], None] | None = None) -> Transcript:
         """Transcribe audio frames off the event loop, with `prompt` as the recognition context.
 
@@ -197,9 +201,10 @@ class WhisperSTT(stt.STT):
         Raises:
             APIError: CTranslate2 or numpy failed (not retryable).
         """
+        context = prompt if isinstance(prompt, Context) else Context(prompt)
         if not frames:
-            return Transcript("", language or self._transcriber.settings.language, 0, prompt)
-        work = _EXECUTOR.submit(self._recognize_blocking, rtc.combine_audio_frames(frames), language, prompt)
+            return Transcript("", language or self._transcriber.settings.language, 0, context.prompt)
+        work = _EXECUTOR.submit(self._recognize_blocking, rtc.combine_audio_frames(frames), language, context)
         if submitted is not None:
             submitted(work)
         try:
@@ -212,8 +217,9 @@ class WhisperSTT(stt.STT):
             log.debug("stt_transcript_dropped", reason=result.dropped, no_speech_prob=round(result.no_speech_prob, 2))
         return result
 
-    def _recognize_blocking(self, frame: rtc.AudioFrame, language: str | None, prompt: str | None) -> Transcript:
-        return self._transcriber.transcribe_pcm(frame_to_whisper_input(frame), language=language, prompt=prompt)
+    def _recognize_blocking(self, frame: rtc.AudioFrame, language: str | None, context: Context) -> Transcript:
+        return self._transcriber.transcribe_pcm(frame_to_whisper_input(frame), language=language,
+                                                prompt=context.prompt, correct=context.correct)
 
 
 @dataclass
@@ -413,7 +419,7 @@ class SpeculativeStream(stt.RecognizeStream):
                 self._spec_threads += 1
                 work.add_done_callback(lambda _w: _call_soon(loop, self._speculative_thread_done))
 
-        prompt = self._owner.current_prompt() if prompted else None
+        prompt = self._owner.current_context() if prompted else None
         task = asyncio.create_task(self._owner.transcribe_frames(frames, self._language, prompt, submitted=submitted),
                                    name="knotd_stt_transcribe")
         return _Transcription(task, sum(f.duration for f in frames), speech_end_time, speculative)

@@ -18,7 +18,9 @@ prompted transcript is dropped when its text is the prompt or a piece of it (`is
 Whisper's no-speech probability is above `stt.no_speech_threshold` (on silence and noise prompted base says
 "Sie ihn zum Beispiel mit einer Kirsche" at 0.8–0.9), or when it is a loop (gzip compression ratio above
 2.4, Whisper's own hallucination test; "Ich bin der Knotencheck. Ich bin der Knotencheck. …" on 8 s of
-silence at a no-speech probability of 0.34); `Transcript.dropped` says why.
+silence at a no-speech probability of 0.34); `Transcript.dropped` says why. A caller may also pass a
+`correct` function, applied to the text the guard kept (the phase's near-miss correction, "Kielkopf" →
+"Kehlkopf"; `knotd.conversation.recognition`); `Transcript.heard` keeps what Whisper decoded.
 
 This module does not load the model (see `knotd.speech.models`), does not detect speech (VAD does) and does
 not import livekit, so the daemon can load and self-test Whisper while livekit is still being imported.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import difflib
 import re
 import unicodedata
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -59,11 +62,21 @@ def _max_tokens(duration_s: float) -> int:
     return min(200, 16 + int(10 * duration_s))
 
 
+class Context(NamedTuple):
+    """What a session tells Whisper about the next utterance: the prompt (see the module docstring) and how
+    to correct the decoded text (`knotd.conversation.recognition.Recognition.correct`: near-misses of the
+    phase's words rewritten to them), both taken when the transcription starts."""
+
+    prompt: str | None = None
+    correct: Callable[[str], str] | None = None
+
+
 class Transcript(NamedTuple):
     """What one utterance became: its text, the language it was decoded as, the encoder window used.
 
     With a prompt, also the prompt, Whisper's highest no-speech probability over the segments, and why the
     decoded text was dropped ("echo" or "no_speech"; `text` is then empty, `heard` keeps it), else None.
+    With a correction, `text` is the corrected text and `heard` what Whisper decoded.
     """
 
     text: str
@@ -145,7 +158,8 @@ class WhisperTranscriber:
         return next((w for w in sorted(self._views) if duration_s <= w), STOCK_WINDOW_S)
 
     def transcribe_pcm(self, pcm: np.ndarray, *, language: str | None = None,
-                       window_s: int | None = None, prompt: str | None = None) -> Transcript:
+                       window_s: int | None = None, prompt: str | None = None,
+                       correct: Callable[[str], str] | None = None) -> Transcript:
         """Transcribe one utterance; blocks for about 0.3–1.5 s, so call it off the event loop.
 
         Args:
@@ -155,6 +169,7 @@ class WhisperTranscriber:
                 default: the smallest bucket that holds `pcm`.
             prompt: the conversation so far as Whisper should read it (see the module docstring); a
                 per-call argument, so sessions sharing the model never see each other's.
+            correct: applied to the text the echo guard kept (the phase's near-miss correction).
         """
         language = language or self.settings.language or None
         prompt = (prompt or "").strip() or None
@@ -190,4 +205,7 @@ class WhisperTranscriber:
                 dropped = "no_speech"
             elif max(segment.compression_ratio for segment in segments) > _MAX_COMPRESSION_RATIO:
                 dropped = "repetition"
-        return Transcript("" if dropped else text, info.language, window, prompt, no_speech, dropped, text)
+        kept = "" if dropped else text
+        if kept and correct is not None:
+            kept = correct(kept)
+        return Transcript(kept, info.language, window, prompt, no_speech, dropped, text)
