@@ -359,7 +359,7 @@ class SpeculativeStream(stt.RecognizeStream):
         log.warning("stt_utterance_capped", max_utterance_s=self._max_utterance_s)
         self._owner._capped += 1
         if self._held is None and self._utterance:
-            # Without the recognition context: on a full 30 s window prompted Whisper reports a no-speech
+            # Without the prompt: on a full 30 s window prompted Whisper reports a no-speech
             # probability near 0.9 for real speech, and the echo guard would drop the whole monologue.
             self._held = self._transcribe(self._utterance, time.time(), speculative=False, prompted=False)
         if self._held is not None:
@@ -419,8 +419,10 @@ class SpeculativeStream(stt.RecognizeStream):
                 self._spec_threads += 1
                 work.add_done_callback(lambda _w: _call_soon(loop, self._speculative_thread_done))
 
-        prompt = self._owner.current_context() if prompted else None
-        task = asyncio.create_task(self._owner.transcribe_frames(frames, self._language, prompt, submitted=submitted),
+        context = self._owner.current_context()
+        if not prompted:
+            context = context._replace(prompt=None)  # the phase's corrections still apply
+        task = asyncio.create_task(self._owner.transcribe_frames(frames, self._language, context, submitted=submitted),
                                    name="knotd_stt_transcribe")
         return _Transcription(task, sum(f.duration for f in frames), speech_end_time, speculative)
 

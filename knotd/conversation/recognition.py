@@ -231,7 +231,7 @@ class Recognition:
                     candidates.append((score, i, j, written))
         taken: set[int] = set()
         chosen = []
-        for score, i, j, replacement in sorted(candidates, key=lambda c: (-c[0], c[2] - c[1], c[1])):
+        for _score, i, j, replacement in sorted(candidates, key=lambda c: (-c[0], c[2] - c[1], c[1])):
             if taken.isdisjoint(range(i, j + 1)):
                 taken.update(range(i, j + 1))
                 chosen.append((i, j, replacement))
