@@ -1,0 +1,261 @@
+"""Mutation testing of knotd's promise-carrying modules with mutmut (`./dev.sh mutate`).
+
+For each module in mutation/modules.toml: copy the checkout to .cache/mutation/<name>/, point mutmut at that
+one module and its fast test files, run it, and read back every mutant's result. The report
+(.cache/mutation/report.md, also printed) gives the score per module and overall, and every surviving mutant
+with its diff; survivors listed in mutation/equivalent.md (with the reason) count as equivalent, not as misses.
+
+    python mutation/run.py                 all modules
+    python mutation/run.py guardrails ...  only these (names from modules.toml)
+
+Exit status: 0 when every module reaches the threshold, 1 when one does not, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = ROOT / "mutation"
+WORK = ROOT / ".cache" / "mutation"
+EQUIVALENT_MD = HERE / "equivalent.md"
+MODEL_DIR = ROOT / ".cache" / "models" / "whisper-base"
+
+KILLED = {1, 3}  # a test failed (3: pytest's internal error, which mutmut counts as a kill)
+TIMEOUT = {36, 24, -24, 152, 255}  # the tests hung: detected
+SURVIVED = {0}
+NO_TESTS = {5, 33}  # no selected test calls the mutated function: a miss too
+
+
+@dataclass
+class ModuleResult:
+    name: str
+    path: str
+    seconds: float = 0.0
+    killed: list[str] = field(default_factory=list)
+    timeout: list[str] = field(default_factory=list)
+    survived: list[str] = field(default_factory=list)
+    no_tests: list[str] = field(default_factory=list)
+    other: list[tuple[str, int | None]] = field(default_factory=list)
+    equivalent: list[str] = field(default_factory=list)
+    diffs: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.killed) + len(self.timeout) + len(self.survived) + len(self.no_tests) + len(self.other)
+
+    @property
+    def detected(self) -> int:
+        return len(self.killed) + len(self.timeout)
+
+    @property
+    def countable(self) -> int:
+        return self.total - len(self.equivalent)
+
+    @property
+    def score(self) -> float:
+        return self.detected / self.countable if self.countable else 1.0
+
+    @property
+    def misses(self) -> list[str]:
+        eq = set(self.equivalent)
+        return [m for m in self.survived + self.no_tests + [n for n, _ in self.other] if m not in eq]
+
+
+def equivalents() -> dict[str, str]:
+    """`mutant name` → reason, from the lines ``- `name`: reason`` in mutation/equivalent.md."""
+    found = {}
+    if EQUIVALENT_MD.exists():
+        for line in EQUIVALENT_MD.read_text(encoding="utf-8").splitlines():
+            m = re.match(r"^\s*[-*]\s+`([^`]+)`\s*[:—-]*\s*(.*)$", line)
+            if m:
+                found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+def mutant_globs(path: str, functions: list[str]) -> list[str]:
+    """mutmut's mutant names for ``functions`` of ``path``: module.x_func__mutmut_N, module.xǁClassǁmethod__mutmut_N."""
+    module = path.removesuffix(".py").replace("/", ".")
+    globs = []
+    for fn in functions:
+        if "." in fn:
+            cls, method = fn.split(".", 1)
+            globs.append(f"{module}.x\u01c1{cls}\u01c1{method}__mutmut_*")
+        else:
+            globs.append(f"{module}.x_{fn}__mutmut_*")
+    return globs
+
+
+def copy_checkout(dest: Path) -> None:
+    """The checkout as it is (tracked and untracked files, not ignored ones) into ``dest``."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if not src.is_file() or rel.startswith(("debian/", "packaging/", ".ci/")):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+
+
+def write_config(dest: Path, module: dict) -> None:
+    """Append the [tool.mutmut] table for ``module`` to the copy's pyproject.toml."""
+    also_copy = sorted(p.name for p in dest.iterdir() if p.name not in {"knotd", "mutants", "tests", "pyproject.toml"})
+    lines = [
+        "",
+        "[tool.mutmut]",
+        'source_paths = ["knotd/"]',
+        f"only_mutate = {json.dumps([module['path']])}",
+        f"pytest_add_cli_args_test_selection = {json.dumps(module['tests'])}",
+        # A mutant that makes a test wait forever is cut by pytest-timeout (counted as killed: a test failed).
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x", "--timeout=120"]',
+        f"also_copy = {json.dumps(also_copy)}",
+        "use_setproctitle = false",
+        # "fork" (mutmut's default, fastest) forks each mutant's run from the process that ran the tests;
+        # "forkserver" from a server that only collected them: forking after the session tests deadlocks (the
+        # models' thread pools), so those modules ask for it in modules.toml.
+        f'process_isolation = "{module.get("isolation", "fork")}"',
+    ]
+    with open(dest / "pyproject.toml", "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def run_module(module: dict, children: int, equivalent: dict[str, str]) -> ModuleResult:
+    result = ModuleResult(module["name"], module["path"])
+    dest = WORK / module["name"]
+    copy_checkout(dest)
+    write_config(dest, module)
+    env = dict(os.environ, KNOTD_TEST_MODEL_DIR=str(MODEL_DIR), HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    env.pop("MUTANT_UNDER_TEST", None)
+    globs = mutant_globs(module["path"], module.get("functions", []))
+    mutmut = Path(sys.executable).with_name("mutmut")
+    started = time.monotonic()
+    log = dest / "mutmut.log"
+    with open(log, "w", encoding="utf-8") as out:
+        done = subprocess.run([str(mutmut), "run", "--max-children", str(children), *globs], cwd=dest, env=env,
+                              stdout=out, stderr=subprocess.STDOUT)
+    result.seconds = time.monotonic() - started
+    meta = dest / "mutants" / (module["path"] + ".meta")
+    if done.returncode != 0 or not meta.exists():
+        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
+        result.error = f"mutmut exited {done.returncode}; {log}:\n" + "\n".join(tail)
+        return result
+    codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
+    selected = set(codes)
+    if globs:
+        import fnmatch
+
+        selected = {name for name in codes if any(fnmatch.fnmatch(name, g) for g in globs)}
+    for name in sorted(selected, key=_natural):
+        code = codes[name]
+        if code in KILLED:
+            result.killed.append(name)
+        elif code in TIMEOUT:
+            result.timeout.append(name)
+        elif code in SURVIVED:
+            result.survived.append(name)
+        elif code in NO_TESTS:
+            result.no_tests.append(name)
+        else:
+            result.other.append((name, code))
+        if code not in KILLED and code not in TIMEOUT and name in equivalent:
+            result.equivalent.append(name)
+    for name in result.survived + result.no_tests + [n for n, _ in result.other]:
+        shown = subprocess.run([str(mutmut), "show", name], cwd=dest, env=env, capture_output=True, text=True)
+        result.diffs[name] = "\n".join(line for line in shown.stdout.splitlines()
+                                       if line.startswith(("+", "-", "@@")) and not line.startswith(("+++", "---")))
+    return result
+
+
+def _natural(name: str) -> tuple[str, int]:
+    base, _, n = name.rpartition("__mutmut_")
+    return base, int(n) if n.isdigit() else 0
+
+
+def report(results: list[ModuleResult], wall_s: float, threshold: float, equivalent: dict[str, str]) -> str:
+    load = os.getloadavg()
+    lines = [
+        "# Mutation testing report (`./dev.sh mutate`, mutmut)",
+        "",
+        f"Wall time {wall_s / 60:.1f} min on {os.cpu_count()} CPUs (load average at the end "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}). Score = killed / (mutants - equivalent); "
+        f"threshold {threshold:.0%}.",
+        "",
+        "| module | path | mutants | killed | timeout | survived | no tests | equivalent | score | time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.name} | {r.path} | error | | | | | | | {r.seconds:.0f} s |")
+            continue
+        lines.append(f"| {r.name} | {r.path} | {r.total} | {len(r.killed)} | {len(r.timeout)} | {len(r.survived)} | "
+                     f"{len(r.no_tests)} | {len(r.equivalent)} | {r.score:.1%} | {r.seconds:.0f} s |")
+    ok = [r for r in results if not r.error]
+    total = sum(r.total for r in ok)
+    detected = sum(r.detected for r in ok)
+    countable = sum(r.countable for r in ok)
+    lines.append(f"| **all** | | {total} | {sum(len(r.killed) for r in ok)} | {sum(len(r.timeout) for r in ok)} | "
+                 f"{sum(len(r.survived) for r in ok)} | {sum(len(r.no_tests) for r in ok)} | "
+                 f"{sum(len(r.equivalent) for r in ok)} | {detected / countable if countable else 1:.1%} | "
+                 f"{wall_s:.0f} s |")
+    for r in results:
+        if r.error:
+            lines += ["", f"## {r.name}: error", "", "```", r.error, "```"]
+            continue
+        if r.misses:
+            lines += ["", f"## {r.name}: surviving mutants ({len(r.misses)})", ""]
+            for name in r.misses:
+                status = "no test calls it" if name in r.no_tests else "survived"
+                lines += [f"- `{name}` ({status})", "", "```diff", r.diffs.get(name, ""), "```"]
+        if r.equivalent:
+            lines += ["", f"## {r.name}: equivalent (mutation/equivalent.md)", ""]
+            lines += [f"- `{name}`: {equivalent[name]}" for name in r.equivalent]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    config = tomllib.loads((HERE / "modules.toml").read_text(encoding="utf-8"))
+    modules = config["module"]
+    names = {m["name"] for m in modules}
+    unknown = [a for a in argv if a not in names]
+    if unknown:
+        print(f"mutate: unknown module(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}", file=sys.stderr)
+        return 2
+    chosen = [m for m in modules if not argv or m["name"] in argv]
+    children = int(os.environ.get("KNOTD_MUTATE_JOBS") or os.cpu_count() or 2)
+    equivalent = equivalents()
+    WORK.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results = []
+    for module in chosen:
+        print(f"==> mutating {module['path']} ({module['name']}) with {', '.join(module['tests'])}", flush=True)
+        r = run_module(module, children, equivalent)
+        results.append(r)
+        if r.error:
+            print(f"    error: {r.error}", flush=True)
+        else:
+            print(f"    {r.total} mutants, {r.detected} killed, {len(r.misses)} surviving, "
+                  f"{len(r.equivalent)} equivalent: {r.score:.1%} in {r.seconds:.0f} s", flush=True)
+    text = report(results, time.monotonic() - started, config["threshold"], equivalent)
+    (WORK / "report.md").write_text(text, encoding="utf-8")
+    print(text)
+    print(f"report: {WORK / 'report.md'}")
+    failed = [r for r in results if r.error or r.score < config["threshold"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
