@@ -5,8 +5,8 @@ one module and its fast test files, run it, and read back every mutant's result.
 (.cache/mutation/report.md, also printed) gives the score per module and overall, and every surviving mutant
 with its diff; survivors listed in mutation/equivalent.md (with the reason) count as equivalent, not as misses.
 
-    python mutation/run.py                 all modules
-    python mutation/run.py guardrails ...  only these (names from modules.toml)
+    python mutation/run.py                 all modules but the slow ones
+    python mutation/run.py guardrails ...  only these (names from modules.toml; session-close is slow)
 
 Exit status: 0 when every module reaches the threshold, 1 when one does not, 2 on bad usage.
 """
@@ -104,16 +104,23 @@ def copy_checkout(dest: Path) -> None:
                            capture_output=True).stdout.decode().split("\0")
     for rel in filter(None, files):
         src = ROOT / rel
-        if not src.is_file() or rel.startswith(("debian/", "packaging/", ".ci/")):
+        if rel.startswith(("debian/", "packaging/", ".ci/")) or not (src.is_file() or src.is_symlink()):
             continue
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
+        if src.is_symlink():  # knotd/templates -> ../templates
+            os.symlink(os.readlink(src), target)
+        else:
+            shutil.copy2(src, target)
 
 
 def write_config(dest: Path, module: dict) -> None:
     """Append the [tool.mutmut] table for ``module`` to the copy's pyproject.toml."""
     also_copy = sorted(p.name for p in dest.iterdir() if p.name not in {"knotd", "mutants", "tests", "pyproject.toml"})
+    # mutmut copies only the package's .py files: its data (templates, rule files) goes along as is.
+    # (Only directories without Python code: copying one with code would overwrite the mutated modules.)
+    also_copy += sorted(str(d.relative_to(dest)) for d in (dest / "knotd").iterdir()
+                        if d.is_dir() and d.name != "__pycache__" and not any(d.rglob("*.py")))
     lines = [
         "",
         "[tool.mutmut]",
@@ -234,7 +241,8 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"mutate: unknown module(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}", file=sys.stderr)
         return 2
-    chosen = [m for m in modules if not argv or m["name"] in argv]
+    # Without names: every module but the slow ones (``slow = true``), which run only when named.
+    chosen = [m for m in modules if m["name"] in argv or (not argv and not m.get("slow"))]
     children = int(os.environ.get("KNOTD_MUTATE_JOBS") or os.cpu_count() or 2)
     equivalent = equivalents()
     WORK.mkdir(parents=True, exist_ok=True)
