@@ -128,7 +128,8 @@ def write_config(dest: Path, module: dict) -> None:
         f"only_mutate = {json.dumps([module['path']])}",
         f"pytest_add_cli_args_test_selection = {json.dumps(module['tests'])}",
         # A mutant that makes a test wait forever is cut by pytest-timeout (counted as killed: a test failed).
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x", "--timeout=120"]',
+        "pytest_add_cli_args = "
+        + json.dumps(["-p", "no:cacheprovider", "-q", "-x", "--timeout=120", *module.get("pytest_args", [])]),
         f"also_copy = {json.dumps(also_copy)}",
         "use_setproctitle = false",
         # "fork" (mutmut's default, fastest) forks each mutant's run from the process that ran the tests;
@@ -180,10 +181,18 @@ def run_module(module: dict, children: int, equivalent: dict[str, str]) -> Modul
             result.other.append((name, code))
         if code not in KILLED and code not in TIMEOUT and name in equivalent:
             result.equivalent.append(name)
-    for name in result.survived + result.no_tests + [n for n, _ in result.other]:
-        shown = subprocess.run([str(mutmut), "show", name], cwd=dest, env=env, capture_output=True, text=True)
-        result.diffs[name] = "\n".join(line for line in shown.stdout.splitlines()
-                                       if line.startswith(("+", "-", "@@")) and not line.startswith(("+++", "---")))
+    missed = result.survived + result.no_tests + [n for n, _ in result.other]
+    if missed:  # the diffs, in one process (`mutmut show` per mutant costs a second or two each)
+        script = ("import json, sys\n"
+                  "from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant\n"
+                  "names = json.load(sys.stdin)\n"
+                  "print(json.dumps({n: get_diff_for_mutant(n, path=find_mutant(n).path) for n in names}))\n")
+        shown = subprocess.run([sys.executable, "-c", script], cwd=dest, env=env, input=json.dumps(missed),
+                               capture_output=True, text=True)
+        diffs = json.loads(shown.stdout.strip().splitlines()[-1]) if shown.returncode == 0 else {}
+        for name in missed:
+            result.diffs[name] = "\n".join(line for line in diffs.get(name, "(no diff)").splitlines()
+                                           if line.startswith(("+", "-")) and not line.startswith(("+++", "---")))
     return result
 
 
