@@ -131,6 +131,10 @@ def write_config(dest: Path, module: dict) -> None:
         "pytest_add_cli_args = "
         + json.dumps(["-p", "no:cacheprovider", "-q", "-x", "--timeout=120", *module.get("pytest_args", [])]),
         f"also_copy = {json.dumps(also_copy)}",
+        # mutmut's own limit is CPU time: 15 x the tests' measured time + timeout_constant s. The measured time
+        # leaves out fixture set-up (the sentence encoder's load), so with the default 1 s a mutant whose tests
+        # load the encoder would be cut as a "timeout" and counted as killed.
+        "timeout_constant = 60.0",
         "use_setproctitle = false",
         # "fork" (mutmut's default, fastest) forks each mutant's run from the process that ran the tests;
         # "forkserver" from a server that only collected them: forking after the session tests deadlocks (the
