@@ -170,6 +170,7 @@ async def test_while_draining_without_a_watchdog_the_ticker_keeps_extending(tmp_
         ticker = Ticker(Notifier(path))
         ticker.start()
         try:
+            await asyncio.sleep(0)  # one loop round: the idle ticker (no watchdog, no drain) waits to be woken
             ticker.extend_stop_timeout(True)
             for _ in range(3):
                 got = (await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)).decode()
