@@ -1,0 +1,84 @@
+"""A bad guardrails rules file is one line that names the rule and the field and says what to write (as
+`knotd check-config` prints it); and the output guard's handling of the LLM stream it cuts.
+
+Written for what mutation testing (`./dev.sh mutate`) showed the other guardrail tests let through.
+"""
+# ruff: noqa: E501
+
+from __future__ import annotations
+
+import pytest
+
+from knotd.conversation.guardrails import Guardrail, SentenceGuard, guard_llm_output
+from knotd.errors import ConfigError
+
+CASES = [
+    # (id, rules file text, the whole error line)
+    ('not a table', 'rule = ["x"]\n',
+     'config error at rule[#1] (rules.toml): must be a table ([[rule]])'),
+    ('unknown field', '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\ncolour = 1\n',
+     'config error at rule[r].colour (rules.toml:2): unknown field (expected one of action, direction, exemplars, name, output_exemplars, patterns, phase, reply, skip_negated, threshold, words)'),
+    ('no name', '[[rule]]\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n',
+     "config error at rule[#1].name (rules.toml): required: lower-case letters, digits and '_' (it becomes a metric label)"),
+    ('empty name', '[[rule]]\nname = ""\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n',
+     "config error at rule[#1].name (rules.toml): required: lower-case letters, digits and '_' (it becomes a metric label)"),
+    ('bad name', '[[rule]]\nname = "Bad Name"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n',
+     "config error at rule[#1].name (rules.toml:2): required: lower-case letters, digits and '_' (it becomes a metric label)"),
+    ('no reply', '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nwords = ["x"]\n',
+     'config error at rule[r].reply (rules.toml:2): required: the German line spoken instead'),
+    ('blank reply', '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "  "\nwords = ["x"]\n',
+     'config error at rule[r].reply (rules.toml:2): required: the German line spoken instead'),
+    ('patterns not a list', '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\npatterns = "x"\n',
+     'config error at rule[r].patterns (rules.toml:2): expected a list of non-empty strings'),
+    ('output_exemplars not a list', '[[rule]]\nname = "r"\ndirection = "both"\naction = "block"\nreply = "Nein."\nwords = ["x"]\noutput_exemplars = "x"\n',
+     'config error at rule[r].output_exemplars (rules.toml:2): expected a list of non-empty strings'),
+    ('output_exemplars on input', '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\noutput_exemplars = ["x"]\n',
+     'config error at rule[r].output_exemplars (rules.toml:2): only for direction = "both" (otherwise \'exemplars\' serve the one direction)'),
+    ('nothing to match', '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\n',
+     "config error at rule[r].words (rules.toml:2): a rule needs at least one entry in 'words', 'patterns' or 'exemplars'"),
+    ('skip_negated not bool', '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\nskip_negated = "yes"\n',
+     'config error at rule[r].skip_negated (rules.toml:2): expected true or false'),
+    ('skip_negated on output', '[[rule]]\nname = "r"\ndirection = "output"\naction = "block"\nreply = "Nein."\nwords = ["x"]\nskip_negated = true\n',
+     'config error at rule[r].skip_negated (rules.toml:2): applies to input only: a negated diagnosis or dose is still one'),
+    ('phase not a string', '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\nphase = 3\n',
+     'config error at rule[r].phase (rules.toml:2): expected a phase name'),
+    ('empty phase', '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\nphase = ""\n',
+     'config error at rule[r].phase (rules.toml:2): expected a phase name'),
+    ('redirect without phase', '[[rule]]\nname = "r"\ndirection = "input"\naction = "redirect"\nreply = "Nein."\nwords = ["x"]\n',
+     'config error at rule[r].phase (rules.toml:2): required when action = "redirect" (the phase the conversation moves to)'),
+]
+
+
+@pytest.mark.parametrize("text,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_each_bad_rule_gets_its_own_sentence(text, message):
+    with pytest.raises(ConfigError) as info:
+        Guardrail.parse(text, source="rules.toml")
+    assert str(info.value) == message
+
+
+async def test_after_a_hit_the_llm_stream_is_closed_and_nothing_more_is_read():
+    """The LLM's answer goes on after an unsafe sentence: knotd stops reading and closes the stream."""
+    read, closed = [], []
+
+    async def llm():
+        try:
+            for piece in ("Das ist Krebs. ", "Und noch mehr. ", "Noch mehr."):
+                read.append(piece)
+                yield piece
+        finally:
+            closed.append(True)
+
+    stream = llm()  # held here: only the guard may close it
+    guard = SentenceGuard(Guardrail.load())
+    spoken = [piece async for piece in guard_llm_output(stream, guard)]
+    assert guard.hit is not None and guard.hit.rule == "no_diagnosis"
+    assert spoken == [guard.hit.reply]
+    assert closed == [True] and read == ["Das ist Krebs. "]
+
+
+def test_a_discarded_reply_holds_nothing_and_releases_nothing():
+    guard = SentenceGuard(Guardrail.load())
+    assert guard.feed("Wo sitzt der Kno") == []
+    assert guard.discard() == len("Wo sitzt der Kno")
+    assert guard.pending == "" and guard.is_stopped
+    assert guard.feed("ten? ") == [] and guard.flush() == []
