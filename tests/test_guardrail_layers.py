@@ -416,3 +416,24 @@ async def test_llm_chunks_without_text_are_dropped_by_the_output_guard(rules):
 
     spoken = [piece async for piece in guard_llm_output(chunks(), SentenceGuard(rules))]
     assert "".join(spoken) == "Wo sitzt der Knoten? Bitte beschreiben Sie ihn."
+
+
+def test_the_semantic_default_threshold_from_the_rules_file_is_used(encoder):
+    guard = Guardrail.parse(_rules(f"""
+        [semantic]
+        threshold = 0.9
+        [[rule]]
+        name = "chest"
+        direction = "input"
+        action = "block"
+        reply = "Bitte rufen Sie 112 an."
+        exemplars = ["{CHEST}"]
+    """), encoder=encoder)
+    assert guard.check_input("Mir tut die Brust sehr weh.").allowed  # ≈ 0.83: below the file's 0.9
+    assert guard.check_input(CHEST).rule == "chest"
+
+
+def test_loading_the_shipped_rules_with_the_encoder_turns_the_semantic_layer_on(encoder):
+    guard = Guardrail.load(encoder=encoder)
+    verdict = guard.check_output("Vermutlich handelt es sich um eine bösartige Geschwulst.")
+    assert not verdict.allowed and verdict.layer == "model"

@@ -46,6 +46,20 @@ CASES = [
      'config error at rule[r].phase (rules.toml:2): expected a phase name'),
     ('redirect without phase', '[[rule]]\nname = "r"\ndirection = "input"\naction = "redirect"\nreply = "Nein."\nwords = ["x"]\n',
      'config error at rule[r].phase (rules.toml:2): required when action = "redirect" (the phase the conversation moves to)'),
+    ('semantic not a table', 'semantic = 3\n[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n',
+     'config error at semantic (rules.toml): must be a table ([semantic])'),
+    ('unknown semantic field', '[semantic]\ncolour = 1\n[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n',
+     'config error at semantic.colour (rules.toml): unknown field (expected one of margin, safe_input, safe_output, threshold)'),
+    ('threshold a boolean', '[semantic]\nthreshold = true\n[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n',
+     'config error at semantic.threshold (rules.toml): expected a similarity above 0 and at most 1; got True'),
+    ('threshold a string', '[semantic]\nthreshold = "high"\n[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n',
+     "config error at semantic.threshold (rules.toml): expected a similarity above 0 and at most 1; got 'high'"),
+    ('threshold zero', '[semantic]\nthreshold = 0\n[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n',
+     'config error at semantic.threshold (rules.toml): expected a similarity above 0 and at most 1; got 0'),
+    ('threshold above one', '[semantic]\nthreshold = 1.5\n[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n',
+     'config error at semantic.threshold (rules.toml): expected a similarity above 0 and at most 1; got 1.5'),
+    ('rule threshold zero', '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\nthreshold = 0.0\n',
+     'config error at rule[r].threshold (rules.toml:2): expected a similarity above 0 and at most 1; got 0.0'),
 ]
 
 
@@ -82,3 +96,14 @@ def test_a_discarded_reply_holds_nothing_and_releases_nothing():
     assert guard.discard() == len("Wo sitzt der Kno")
     assert guard.pending == "" and guard.is_stopped
     assert guard.feed("ten? ") == [] and guard.flush() == []
+
+
+def test_a_missing_rules_file_names_the_setting_and_the_path():
+    with pytest.raises(ConfigError) as info:
+        Guardrail.load("/nonexistent/rules.toml")
+    assert str(info.value) == "config error at guardrails.rules: file not found: /nonexistent/rules.toml"
+
+
+def test_a_similarity_of_exactly_one_is_allowed():
+    rule = '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n'
+    assert Guardrail.parse("[semantic]\nthreshold = 1.0\n" + rule + "threshold = 1\n").rules[0].threshold == 1.0
