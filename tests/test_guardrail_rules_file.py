@@ -60,6 +60,16 @@ CASES = [
      'config error at semantic.threshold (rules.toml): expected a similarity above 0 and at most 1; got 1.5'),
     ('rule threshold zero', '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\nthreshold = 0.0\n',
      'config error at rule[r].threshold (rules.toml:2): expected a similarity above 0 and at most 1; got 0.0'),
+    ('two unknown top-level keys', 'zeta = 1\nalpha = 2\n[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n',
+     "config error at guardrails.rules (rules.toml): unknown top-level key 'alpha' (expected [[rule]] or [semantic])"),
+    ('no rules at all', '[semantic]\nthreshold = 0.5\n',
+     'config error at guardrails.rules (rules.toml): no rules: add at least one [[rule]] table'),
+    ('rule is not a list', 'rule = 3\n',
+     'config error at guardrails.rules (rules.toml): no rules: add at least one [[rule]] table'),
+    ('empty rule list', 'rule = []\n',
+     'config error at guardrails.rules (rules.toml): no rules: add at least one [[rule]] table'),
+    ('not TOML', '[[rule]\n',
+     "config error at guardrails.rules (rules.toml): invalid TOML: Expected ']]' at the end of an array declaration (at line 1, column 7)"),
 ]
 
 
