@@ -117,3 +117,9 @@ def test_a_missing_rules_file_names_the_setting_and_the_path():
 def test_a_similarity_of_exactly_one_is_allowed():
     rule = '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n'
     assert Guardrail.parse("[semantic]\nthreshold = 1.0\n" + rule + "threshold = 1\n").rules[0].threshold == 1.0
+
+
+def test_rules_given_as_text_are_named_rules_in_errors():
+    with pytest.raises(ConfigError) as info:
+        Guardrail.parse("rule = []\n")
+    assert str(info.value) == "config error at guardrails.rules (<rules>): no rules: add at least one [[rule]] table"
