@@ -123,3 +123,10 @@ def test_rules_given_as_text_are_named_rules_in_errors():
     with pytest.raises(ConfigError) as info:
         Guardrail.parse("rule = []\n")
     assert str(info.value) == "config error at guardrails.rules (<rules>): no rules: add at least one [[rule]] table"
+
+
+def test_a_pattern_written_with_capitals_still_matches():
+    """Rules see normalised (lower-case) text; an operator's pattern in capitals must not silently never fire."""
+    guard = Guardrail.parse('[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\n'
+                            'patterns = ["\\\\bICD\\\\b"]\n')
+    assert guard.check_input("Welcher ICD-Code ist das?").rule == "r"
