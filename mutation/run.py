@@ -7,6 +7,7 @@ with its diff; survivors listed in mutation/equivalent.md (with the reason) coun
 
     python mutation/run.py                 all modules but the slow ones
     python mutation/run.py guardrails ...  only these (names from modules.toml; session-close is slow)
+    python mutation/run.py --report ...    the report again from the last results (after editing equivalent.md)
 
 Exit status: 0 when every module reaches the threshold, 1 when one does not, 2 on bad usage.
 """
@@ -145,25 +146,31 @@ def write_config(dest: Path, module: dict) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def run_module(module: dict, children: int, equivalent: dict[str, str]) -> ModuleResult:
+def run_module(module: dict, children: int, equivalent: dict[str, str], *, report_only: bool = False) -> ModuleResult:
     result = ModuleResult(module["name"], module["path"])
     dest = WORK / module["name"]
-    copy_checkout(dest)
-    write_config(dest, module)
     env = dict(os.environ, KNOTD_TEST_MODEL_DIR=str(MODEL_DIR), HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
     env.pop("MUTANT_UNDER_TEST", None)
     globs = mutant_globs(module["path"], module.get("functions", []))
     mutmut = Path(sys.executable).with_name("mutmut")
-    started = time.monotonic()
     log = dest / "mutmut.log"
-    with open(log, "w", encoding="utf-8") as out:
-        done = subprocess.run([str(mutmut), "run", "--max-children", str(children), *globs], cwd=dest, env=env,
-                              stdout=out, stderr=subprocess.STDOUT)
-    result.seconds = time.monotonic() - started
+    returncode = 0
+    if not report_only:
+        copy_checkout(dest)
+        write_config(dest, module)
+        started = time.monotonic()
+        with open(log, "w", encoding="utf-8") as out:
+            returncode = subprocess.run([str(mutmut), "run", "--max-children", str(children), *globs], cwd=dest,
+                                        env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        result.seconds = time.monotonic() - started
+        (dest / "seconds").write_text(f"{result.seconds:.1f}\n")
+    elif (dest / "seconds").exists():
+        result.seconds = float((dest / "seconds").read_text())
     meta = dest / "mutants" / (module["path"] + ".meta")
-    if done.returncode != 0 or not meta.exists():
-        tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
-        result.error = f"mutmut exited {done.returncode}; {log}:\n" + "\n".join(tail)
+    if returncode != 0 or not meta.exists():
+        tail = (log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:] if log.exists()
+                else ["no results: run it first"])
+        result.error = f"mutmut exited {returncode}; {log}:\n" + "\n".join(tail)
         return result
     codes = json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"]
     selected = set(codes)
@@ -247,6 +254,8 @@ def report(results: list[ModuleResult], wall_s: float, threshold: float, equival
 
 
 def main(argv: list[str]) -> int:
+    report_only = "--report" in argv  # the report again from the last run's results (e.g. after equivalent.md)
+    argv = [a for a in argv if a != "--report"]
     config = tomllib.loads((HERE / "modules.toml").read_text(encoding="utf-8"))
     modules = config["module"]
     names = {m["name"] for m in modules}
@@ -263,14 +272,15 @@ def main(argv: list[str]) -> int:
     results = []
     for module in chosen:
         print(f"==> mutating {module['path']} ({module['name']}) with {', '.join(module['tests'])}", flush=True)
-        r = run_module(module, children, equivalent)
+        r = run_module(module, children, equivalent, report_only=report_only)
         results.append(r)
         if r.error:
             print(f"    error: {r.error}", flush=True)
         else:
             print(f"    {r.total} mutants, {r.detected} killed, {len(r.misses)} surviving, "
                   f"{len(r.equivalent)} equivalent: {r.score:.1%} in {r.seconds:.0f} s", flush=True)
-    text = report(results, time.monotonic() - started, config["threshold"], equivalent)
+    wall = sum(r.seconds for r in results) if report_only else time.monotonic() - started
+    text = report(results, wall, config["threshold"], equivalent)
     (WORK / "report.md").write_text(text, encoding="utf-8")
     print(text)
     print(f"report: {WORK / 'report.md'}")
