@@ -179,16 +179,18 @@ async def test_an_exception_storm_is_counted_whole_logged_rarely_and_the_session
 
 async def test_a_registered_handler_has_its_series_on_metrics_before_its_first_task():
     """/metrics shows knotd_handler_tasks_total{handler,outcome} = 0 from registration on (rate() needs them)."""
+    import uuid
+
     bridge = TaskBridge("series")
+    name = f"series_{uuid.uuid4().hex}"  # a handler this process has never seen: no series yet
 
     async def never(_):
         pass
 
-    bridge.on(rtc.EventEmitter(), "thing", never, name="series_handler")
+    bridge.on(rtc.EventEmitter(), "thing", never, name=name)
     for outcome in ("ok", "failed", "cancelled"):
-        assert REGISTRY.get_sample_value("knotd_handler_tasks_total",
-                                         {"handler": "series_handler", "outcome": outcome}) == 0.0
-    assert REGISTRY.get_sample_value("knotd_handler_tasks_inflight", {"handler": "series_handler"}) == 0.0
+        assert REGISTRY.get_sample_value("knotd_handler_tasks_total", {"handler": name, "outcome": outcome}) == 0.0
+    assert REGISTRY.get_sample_value("knotd_handler_tasks_inflight", {"handler": name}) == 0.0
 
 
 async def test_failures_are_logged_with_the_session_and_a_count_of_the_lines_left_out(monkeypatch):
