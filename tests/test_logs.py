@@ -140,3 +140,13 @@ def test_a_short_secret_and_every_occurrence_of_a_secret_are_redacted():
     assert redact(None, "info", {"event": "abc"})["event"] == "abc"  # shorter than 4: never a secret
     out = logs.SecretRedactor([KEY])(None, "info", {"event": f"{KEY} and {KEY}"})
     assert out["event"] == f"{logs.REDACTED} and {logs.REDACTED}"
+
+
+def test_each_of_several_unrelated_secrets_is_redacted_whole():
+    """The LiveKit secret, an LLM key and a TTS key have different heads: logging any one of them leaves none
+    of it (the redactor must try every secret, not stop at the first that does not start there)."""
+    livekit, llm, tts = "lk-" + "S" * 40, "sk-proj-" + "L" * 60, "tts-key-" + "T" * 20
+    redact = logs.SecretRedactor([livekit, llm, tts])
+    for secret in (livekit, llm, tts):
+        out = redact(None, "error", {"event": f"auth failed with {secret} at the server"})["event"]
+        assert out == f"auth failed with {logs.REDACTED} at the server"
