@@ -78,7 +78,19 @@ def _lines(err: str) -> list[dict]:
     return [json.loads(line) for line in err.splitlines() if line.startswith("{")]
 
 
-def test_by_default_info_lines_are_json_with_level_logger_and_a_utc_timestamp(capsys):
+@pytest.fixture
+def fresh_logging():
+    """structlog's defaults and unset levels, so each test sees what configure() alone sets up (not what an
+    earlier configure() in this process left behind)."""
+    import logging
+
+    structlog.reset_defaults()
+    for name in ("aiohttp.access", "asyncio", "faster_whisper", ""):
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    yield
+
+
+def test_by_default_info_lines_are_json_with_level_logger_and_a_utc_timestamp(capsys, fresh_logging):
     """Not on a terminal (as under systemd): one JSON object per line, with an ISO timestamp in UTC."""
     import re
 
@@ -90,7 +102,7 @@ def test_by_default_info_lines_are_json_with_level_logger_and_a_utc_timestamp(ca
     assert line == {"event": "room_joined", "room": "r1", "n": 2, "level": "info", "logger": "knotd.test"}
 
 
-def test_livekit_stdlib_lines_keep_their_extra_fields(capsys):
+def test_livekit_stdlib_lines_keep_their_extra_fields(capsys, fresh_logging):
     import logging
 
     logs.configure("info", "json", [])
@@ -100,7 +112,7 @@ def test_livekit_stdlib_lines_keep_their_extra_fields(capsys):
     assert line["level"] == "warning" and line["logger"] == "livekit.agents" and line["timestamp"].endswith("Z")
 
 
-def test_chatty_third_party_loggers_are_quiet_at_info(capsys):
+def test_chatty_third_party_loggers_are_quiet_at_info(capsys, fresh_logging):
     import logging
 
     logs.configure("info", "json", [])
@@ -111,7 +123,7 @@ def test_chatty_third_party_loggers_are_quiet_at_info(capsys):
     assert events == ["trouble from aiohttp.access", "trouble from asyncio", "trouble from faster_whisper"]
 
 
-def test_a_json_traceback_shows_no_local_variables(capsys):
+def test_a_json_traceback_shows_no_local_variables(capsys, fresh_logging):
     logs.configure("info", "json", [])
     try:
         _fail_with_key_in_locals("not-a-configured-secret-but-a-local")
@@ -123,7 +135,7 @@ def test_a_json_traceback_shows_no_local_variables(capsys):
     assert "not-a-configured-secret-but-a-local" not in repr(line)
 
 
-def test_console_lines_are_plain_text_with_a_plain_traceback(capsys):
+def test_console_lines_are_plain_text_with_a_plain_traceback(capsys, fresh_logging):
     logs.configure("info", "console", [])
     try:
         _fail_with_key_in_locals("x")
@@ -150,3 +162,17 @@ def test_each_of_several_unrelated_secrets_is_redacted_whole():
     for secret in (livekit, llm, tts):
         out = redact(None, "error", {"event": f"auth failed with {secret} at the server"})["event"]
         assert out == f"auth failed with {logs.REDACTED} at the server"
+
+
+def test_an_object_logged_as_a_field_is_redacted_as_its_text():
+    """An exception or any object in a field is logged as its text: with the secret in it redacted."""
+    redact = logs.SecretRedactor([KEY])
+    out = redact(None, "error", {"event": "failed", "error": ConnectionError(f"401 for {KEY}"), "n": None,
+                                 "ok": True, "nested": {"list": [ValueError(KEY)]}})
+    assert out == {"event": "failed", "error": f"401 for {logs.REDACTED}", "n": None, "ok": True,
+                   "nested": {"list": [logs.REDACTED]}}
+
+
+def test_a_secret_cut_short_at_an_odd_length_leaves_the_text_after_it():
+    redact = logs.SecretRedactor([KEY])
+    assert redact(None, "error", {"event": f"key={KEY[:31]}… rejected"})["event"] == f"key={logs.REDACTED}… rejected"
