@@ -130,3 +130,87 @@ def test_a_pattern_written_with_capitals_still_matches():
     guard = Guardrail.parse('[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\n'
                             'patterns = ["\\\\bICD\\\\b"]\n')
     assert guard.check_input("Welcher ICD-Code ist das?").rule == "r"
+
+
+# --- the output guard's sentences: what reaches the speaker, and when ----------------------------------------
+
+
+@pytest.mark.parametrize("text,released", [
+    ("Wählen Sie die 112... Jetzt", ["Wählen Sie die 112... "]),  # an ellipsis after a number ends a sentence
+    ("Wählen Sie die 112.. Jetzt", ["Wählen Sie die 112.. "]),
+    ("Erste Zeile\nZweite", ["Erste Zeile\n"]),  # a line break ends one
+    ("Sagen Sie „Ja“. Dann", ["Sagen Sie „Ja“. "]),  # a full stop after a quote
+    ("Das ist z. B. gut. Weiter", ["Das ist z. B. gut. "]),  # an abbreviation does not stop the search
+])
+def test_a_sentence_is_released_as_soon_as_it_ends(text, released):
+    assert SentenceGuard(Guardrail.load()).feed(text) == released
+
+
+def test_text_without_a_sentence_end_is_cut_only_beyond_400_characters():
+    held = SentenceGuard(Guardrail.load())
+    assert held.feed("wort " * 80) == [] and len(held.pending) == 400
+    cut = SentenceGuard(Guardrail.load())
+    assert cut.feed("wort " * 80 + "x") == ["wort " * 80] and cut.pending == "x"
+    lead = SentenceGuard(Guardrail.load())
+    assert lead.feed(" " + "x" * 450) == [" "]  # the only space is the first character
+    both = SentenceGuard(Guardrail.load())
+    released = both.feed("Kurz. " + "wort " * 85)
+    assert released[0] == "Kurz. " and "".join(released) + both.pending == "Kurz. " + "wort " * 85
+
+
+def test_flush_releases_what_is_held_once_and_nothing_from_an_empty_guard():
+    guard = SentenceGuard(Guardrail.load())
+    assert guard.flush() == [] and guard.busy_s == 0.0
+    guard.feed("Bis bald")
+    assert guard.flush() == ["Bis bald"] and guard.pending == "" and guard.flush() == []
+    assert 0.0 <= guard.busy_s < 3600  # the output_guard stage: a duration, not a clock reading
+
+
+def test_sentences_are_checked_one_by_one_not_with_the_one_before():
+    guard = Guardrail.parse('[[rule]]\nname = "pair"\ndirection = "output"\naction = "block"\nreply = "Nein."\n'
+                            'patterns = ["ja\\\\W+nein"]\n')
+    stream = SentenceGuard(guard)
+    assert stream.feed("Sagen Sie ja. Nein heißt nein. ") == ["Sagen Sie ja. ", "Nein heißt nein. "]
+    assert stream.hit is None
+
+
+async def test_the_output_guard_reads_an_llm_stream_that_cannot_be_closed():
+    class Stream:  # an async iterator without aclose()
+        def __init__(self):
+            self.pieces = ["Wo sitzt ", "der Knoten? "]
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            if not self.pieces:
+                raise StopAsyncIteration
+            return self.pieces.pop(0)
+
+    spoken = [p async for p in guard_llm_output(Stream(), SentenceGuard(Guardrail.load()))]
+    assert "".join(spoken) == "Wo sitzt der Knoten? "
+
+
+def test_a_session_counts_a_keyed_message_once_and_remembers_the_last_16():
+    from knotd.conversation.guardrails import SessionGuard
+
+    session = SessionGuard(Guardrail.load())
+    for n in range(16):
+        session.check_input(f"Antwort {n}", key=f"m{n}")
+    session.check_input("Antwort 0", key="m0")  # asked again by a second hook: not counted again
+    assert session.close().checks == {"input": 16}
+    session = SessionGuard(Guardrail.load())
+    for n in range(17):
+        session.check_input(f"Antwort {n}", key=f"m{n}")
+    session.check_input("Antwort 0", key="m0")  # the oldest of 17 is forgotten: counted again
+    assert session.close().checks == {"input": 18}
+
+
+def test_closing_a_session_counts_the_reply_text_still_held_back():
+    from knotd.conversation.guardrails import SessionGuard
+
+    session = SessionGuard(Guardrail.load())
+    first = session.sentence_guard()
+    first.feed("Halb gesagt")
+    session.sentence_guard().feed("Fertig. ")
+    assert session.close().discarded_chars == len("Halb gesagt")
