@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = ROOT / "mutation"
-WORK = ROOT / ".cache" / "mutation"
+WORK = Path(os.environ.get("KNOTD_MUTATE_WORK") or ROOT / ".cache" / "mutation")  # one directory per module
 EQUIVALENT_MD = HERE / "equivalent.md"
 MODEL_DIR = ROOT / ".cache" / "models" / "whisper-base"
 
