@@ -128,9 +128,10 @@ def write_config(dest: Path, module: dict) -> None:
         'source_paths = ["knotd/"]',
         f"only_mutate = {json.dumps([module['path']])}",
         f"pytest_add_cli_args_test_selection = {json.dumps(module['tests'])}",
-        # A mutant that makes a test wait forever is cut by pytest-timeout (counted as killed: a test failed).
+        # A mutant that makes a test loop or wait forever is cut by pytest-timeout after 30 s (a test failed: killed;
+        # the fast tests each take well under a second).
         "pytest_add_cli_args = "
-        + json.dumps(["-p", "no:cacheprovider", "-q", "-x", "--timeout=120", *module.get("pytest_args", [])]),
+        + json.dumps(["-p", "no:cacheprovider", "-q", "-x", "--timeout=30", *module.get("pytest_args", [])]),
         f"also_copy = {json.dumps(also_copy)}",
         # mutmut's own limit is CPU time: 15 x the tests' measured time + timeout_constant s. The measured time
         # leaves out fixture set-up (the sentence encoder's load), so with the default 1 s a mutant whose tests
