@@ -162,6 +162,7 @@ def test_flush_releases_what_is_held_once_and_nothing_from_an_empty_guard():
     guard = SentenceGuard(Guardrail.load())
     assert guard.flush() == [] and guard.busy_s == 0.0
     guard.feed("Bis bald")
+    assert guard.busy_s >= 0.0  # feed() adds the time it spent
     assert guard.flush() == ["Bis bald"] and guard.pending == "" and guard.flush() == []
     assert 0.0 <= guard.busy_s < 3600  # the output_guard stage: a duration, not a clock reading
 
