@@ -489,3 +489,10 @@ def test_a_harmful_sentence_after_harmless_ones_is_scored_on_its_own(encoder):
     text = f"Guten Tag. Ich wohne in Berlin und arbeite im Garten. {CHEST}"
     assert guard.semantic.score(text, "input").score > 0.99  # the sentence, not the whole text
     assert guard.check_input(text).rule == "chest"
+
+
+def test_a_control_character_hidden_in_a_word_does_not_hide_it(rules):
+    """Typed chat with an escape or NUL inside "Atemnot" is still an emergency (control characters are dropped)."""
+    assert rules.check_input("Ich habe Atem\x1bnot.").rule == "emergency"
+    assert rules.check_input("Ich habe Atem\x00not.").rule == "emergency"
+    assert rules.check_input("Ich habe\tAtemnot.").rule == "emergency"  # a tab is white space, not removed
