@@ -8,6 +8,7 @@ with its diff; survivors listed in mutation/equivalent.md (with the reason) coun
     python mutation/run.py                 all modules but the slow ones
     python mutation/run.py guardrails ...  only these (names from modules.toml; session-close is slow)
     python mutation/run.py --report ...    the report again from the last results (after editing equivalent.md)
+    python mutation/run.py --survivors ... re-check only the last run's survivors against the tests as they are now
 
 Exit status: 0 when every module reaches the threshold, 1 when one does not, 2 on bad usage.
 """
@@ -128,10 +129,10 @@ def write_config(dest: Path, module: dict) -> None:
         'source_paths = ["knotd/"]',
         f"only_mutate = {json.dumps([module['path']])}",
         f"pytest_add_cli_args_test_selection = {json.dumps(module['tests'])}",
-        # A mutant that makes a test loop or wait forever is cut by pytest-timeout after 30 s (a test failed: killed;
-        # the fast tests each take well under a second).
+        # A mutant that makes a test loop or wait forever is cut by pytest-timeout after 60 s (a test failed: killed;
+        # the fast tests take seconds, the sentence encoder's load on a busy machine up to half a minute).
         "pytest_add_cli_args = "
-        + json.dumps(["-p", "no:cacheprovider", "-q", "-x", "--timeout=30", *module.get("pytest_args", [])]),
+        + json.dumps(["-p", "no:cacheprovider", "-q", "-x", "--timeout=60", *module.get("pytest_args", [])]),
         f"also_copy = {json.dumps(also_copy)}",
         # mutmut's own limit is CPU time: 15 x the tests' measured time + timeout_constant s. The measured time
         # leaves out fixture set-up (the sentence encoder's load), so with the default 1 s a mutant whose tests
@@ -208,6 +209,41 @@ def run_module(module: dict, children: int, equivalent: dict[str, str], *, repor
     return result
 
 
+def recheck_survivors(module: dict, children: int) -> int:
+    """Run again, against the tests as they are now, only the mutants that survived the module's last run, and
+    write their new results into that run's results (tests written since can only kill more). Returns how many
+    were re-checked."""
+    dest = WORK / module["name"]
+    meta_path = dest / "mutants" / (module["path"] + ".meta")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    codes = meta["exit_code_by_key"]
+    globs = mutant_globs(module["path"], module.get("functions", []))
+    import fnmatch
+
+    names = [n for n, c in codes.items() if c not in KILLED and c not in TIMEOUT and c is not None
+             and (not globs or any(fnmatch.fnmatch(n, g) for g in globs))]
+    if not names:
+        return 0
+    again = dict(module, name=module["name"] + "-survivors")
+    scratch = WORK / again["name"]
+    copy_checkout(scratch)
+    write_config(scratch, again)
+    env = dict(os.environ, KNOTD_TEST_MODEL_DIR=str(MODEL_DIR), HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
+    env.pop("MUTANT_UNDER_TEST", None)
+    started = time.monotonic()
+    with open(scratch / "mutmut.log", "w", encoding="utf-8") as out:
+        subprocess.run([str(Path(sys.executable).with_name("mutmut")), "run", "--max-children", str(children),
+                        *names], cwd=scratch, env=env, stdout=out, stderr=subprocess.STDOUT)
+    new = json.loads((scratch / "mutants" / (module["path"] + ".meta")).read_text(encoding="utf-8"))
+    for name in names:
+        if new["exit_code_by_key"].get(name) is not None:
+            codes[name] = new["exit_code_by_key"][name]
+    meta_path.write_text(json.dumps(meta), encoding="utf-8")
+    seconds = float((dest / "seconds").read_text()) if (dest / "seconds").exists() else 0.0
+    (dest / "seconds").write_text(f"{seconds + time.monotonic() - started:.1f}\n")
+    return len(names)
+
+
 def _natural(name: str) -> tuple[str, int]:
     base, _, n = name.rpartition("__mutmut_")
     return base, int(n) if n.isdigit() else 0
@@ -256,7 +292,8 @@ def report(results: list[ModuleResult], wall_s: float, threshold: float, equival
 
 def main(argv: list[str]) -> int:
     report_only = "--report" in argv  # the report again from the last run's results (e.g. after equivalent.md)
-    argv = [a for a in argv if a != "--report"]
+    survivors = "--survivors" in argv  # re-check only the last run's survivors against today's tests
+    argv = [a for a in argv if a not in ("--report", "--survivors")]
     config = tomllib.loads((HERE / "modules.toml").read_text(encoding="utf-8"))
     modules = config["module"]
     names = {m["name"] for m in modules}
@@ -271,6 +308,11 @@ def main(argv: list[str]) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     results = []
+    if survivors:
+        for module in chosen:
+            print(f"==> re-checking the survivors of {module['path']} ({module['name']})", flush=True)
+            print(f"    {recheck_survivors(module, children)} re-checked", flush=True)
+        report_only = True
     for module in chosen:
         print(f"==> mutating {module['path']} ({module['name']}) with {', '.join(module['tests'])}", flush=True)
         r = run_module(module, children, equivalent, report_only=report_only)
