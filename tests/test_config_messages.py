@@ -204,3 +204,57 @@ def test_the_defaults_keep_transcripts_off():
     """The privacy default: nothing the caller said is kept unless the operator turns it on."""
     assert Settings().session.record_transcripts is False
     assert os.path.isabs(Settings().session.state_dir)
+
+
+MORE_CASES = [
+    ("a [livekit] table without url", '[livekit]\nagent_name = "k"\n', ENV,
+     'config error at livekit.url ({path}:1): missing required value (e.g. url = "wss://livekit.example.com")'),
+    ("listen without a port", LK + '[status]\nlisten = "localhost"\n', ENV,
+     "config error at status.listen ({path}:4): expected host:port (e.g. '127.0.0.1:9464' or '[::1]:9464'); got 'localhost'"),
+    ("a date where a number goes", LK + '[worker]\nmax_sessions = 1979-05-27\n', ENV,
+     'config error at worker.max_sessions ({path}:4): expected an integer, got date'),
+    ("credentials and a bad port", '[livekit]\nurl = "wss://u:p@livekit.example.com:99999"\n', ENV,
+     'config error at livekit.url ({path}:2): credentials in the URL are not allowed; use LIVEKIT_API_KEY/SECRET'),
+    ("port 65536", LK + '[status]\nlisten = "127.0.0.1:65536"\n', ENV,
+     'config error at status.listen ({path}:4): port out of range: 65536'),
+]
+
+
+@pytest.mark.parametrize("text,env,message", [c[1:] for c in MORE_CASES], ids=[c[0] for c in MORE_CASES])
+def test_more_bad_values_get_their_own_sentence(tmp_path, text, env, message):
+    test_each_bad_value_gets_its_own_sentence(tmp_path, text, env, message)
+
+
+@pytest.mark.parametrize("listen", ["[FE80::1]:9464", "[fe80::1]:9464", "localhost:9464", "KNOTD-VM:9464",
+                                    "127.0.0.1:65535"])
+def test_listen_addresses_in_either_case_and_the_highest_port_are_accepted(tmp_path, listen):
+    path = tmp_path / "knotd.toml"
+    path.write_text(LK + f'[status]\nlisten = "{listen}"\n')
+    assert str(load_settings(path, ENV).status.listen) == listen
+
+
+@pytest.mark.parametrize("n", [1, 64])
+def test_range_limits_are_inclusive(tmp_path, n):
+    path = tmp_path / "knotd.toml"
+    path.write_text(LK + f"[worker]\nmax_sessions = {n}\n")
+    assert load_settings(path, ENV).worker.max_sessions == n
+
+
+def test_a_credential_is_read_up_to_64_kib_and_a_directory_is_no_credential(tmp_path):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    secret = creds / "livekit-api-secret"
+    path = tmp_path / "knotd.toml"
+    path.write_text(LK)
+    env = {**ENV, "CREDENTIALS_DIRECTORY": str(creds)}
+    secret.write_bytes(b"s" * (64 * 1024))
+    assert load_settings(path, env).livekit.api_secret.reveal() == "s" * (64 * 1024)
+    secret.write_bytes(b"s" * (64 * 1024 + 1))
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env)
+    assert str(info.value) == f"config error at livekit.api_secret: cannot read credential {secret}: larger than 64 KiB"
+    secret.unlink()
+    secret.mkdir()
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, env)
+    assert str(info.value) == f"config error at livekit.api_secret: cannot read credential {secret}: not a regular file"
