@@ -48,6 +48,7 @@ class ModuleResult:
     survived: list[str] = field(default_factory=list)
     no_tests: list[str] = field(default_factory=list)
     other: list[tuple[str, int | None]] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)  # a run cut short: not counted either way
     equivalent: list[str] = field(default_factory=list)
     diffs: dict[str, str] = field(default_factory=dict)
     error: str | None = None
@@ -190,6 +191,9 @@ def run_module(module: dict, children: int, equivalent: dict[str, str], *, repor
             result.survived.append(name)
         elif code in NO_TESTS:
             result.no_tests.append(name)
+        elif code is None:
+            result.unchecked.append(name)
+            continue
         else:
             result.other.append((name, code))
         if code not in KILLED and code not in TIMEOUT and name in equivalent:
@@ -258,15 +262,16 @@ def report(results: list[ModuleResult], wall_s: float, threshold: float, equival
         f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}). Score = killed / (mutants - equivalent); "
         f"threshold {threshold:.0%}.",
         "",
-        "| module | path | mutants | killed | timeout | survived | no tests | equivalent | score | time |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| module | path | mutants | killed | timeout | survived | no tests | equivalent | score | time | not checked |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if r.error:
             lines.append(f"| {r.name} | {r.path} | error | | | | | | | {r.seconds:.0f} s |")
             continue
         lines.append(f"| {r.name} | {r.path} | {r.total} | {len(r.killed)} | {len(r.timeout)} | {len(r.survived)} | "
-                     f"{len(r.no_tests)} | {len(r.equivalent)} | {r.score:.1%} | {r.seconds:.0f} s |")
+                     f"{len(r.no_tests)} | {len(r.equivalent)} | {r.score:.1%} | {r.seconds:.0f} s | "
+                     f"{len(r.unchecked) or ''} |")
     ok = [r for r in results if not r.error]
     total = sum(r.total for r in ok)
     detected = sum(r.detected for r in ok)
@@ -274,7 +279,7 @@ def report(results: list[ModuleResult], wall_s: float, threshold: float, equival
     lines.append(f"| **all** | | {total} | {sum(len(r.killed) for r in ok)} | {sum(len(r.timeout) for r in ok)} | "
                  f"{sum(len(r.survived) for r in ok)} | {sum(len(r.no_tests) for r in ok)} | "
                  f"{sum(len(r.equivalent) for r in ok)} | {detected / countable if countable else 1:.1%} | "
-                 f"{wall_s:.0f} s |")
+                 f"{wall_s:.0f} s | {sum(len(r.unchecked) for r in ok) or ''} |")
     for r in results:
         if r.error:
             lines += ["", f"## {r.name}: error", "", "```", r.error, "```"]
