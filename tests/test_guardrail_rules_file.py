@@ -215,3 +215,27 @@ def test_closing_a_session_counts_the_reply_text_still_held_back():
     first.feed("Halb gesagt")
     session.sentence_guard().feed("Fertig. ")
     assert session.close().discarded_chars == len("Halb gesagt")
+
+
+RULE = '[[rule]]\nname = "r"\ndirection = "input"\naction = "block"\nreply = "Nein."\nwords = ["x"]\n'
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[semantic]\nmargin = -1.5\n' + RULE,
+     'config error at semantic.margin (rules.toml): expected a number from -1 to 1; got -1.5'),
+    ('[semantic]\nsafe_output = "x"\n' + RULE,
+     'config error at semantic.safe_output (rules.toml): expected a list of non-empty strings'),
+    (RULE + RULE, 'config error at rule[r].name (rules.toml:2): duplicate rule name'),
+], ids=["margin below -1", "safe_output not a list", "duplicate rule name"])
+def test_more_bad_rules_files_get_their_own_sentence(text, message):
+    test_each_bad_rule_gets_its_own_sentence(text, message)
+
+
+def test_an_emergency_redirects_to_the_urgent_phase_and_an_overlong_message_is_blocked():
+    """The verdict's action is what the session acts on: redirect moves the conversation, block refuses."""
+    rules = Guardrail.load(max_input_chars=100)
+    verdict = rules.check_input("Ich habe Atemnot.")
+    assert (verdict.rule, verdict.action, verdict.phase) == ("emergency", "redirect", "urgent")
+    assert rules.check_input("ab " * 33 + "c").allowed  # exactly 100 characters: not too long
+    too_long = rules.check_input("ab " * 33 + "cd")
+    assert (too_long.allowed, too_long.rule, too_long.action) == (False, "input_too_long", "block")
