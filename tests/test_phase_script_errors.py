@@ -141,3 +141,27 @@ def test_the_minimal_script_loads_and_walks():
     machine = PhaseMachine(script)
     assert machine.current == "start"
 
+
+
+def test_a_missing_script_file_names_the_setting_and_the_path():
+    with pytest.raises(ConfigError) as info:
+        PhaseScript.load("/nonexistent/phases.toml")
+    assert str(info.value) == "config error at session.phases: file not found: /nonexistent/phases.toml"
+
+
+def test_a_then_chain_that_runs_into_a_loop_is_refused():
+    text = rep('say = "Wo?"\n', 'say = "Wo?"\nthen = "loop"\n').replace(
+        '[[phase.ask.next]]\nto = "end"\nwords = ["hals"]\n[[phase.ask.next]]\nto = "end"\n', "")
+    text += '\n[phase.loop]\nsay = "Und?"\nthen = "ask"\n'
+    with pytest.raises(ConfigError) as info:
+        PhaseScript.parse(text, source="phases.toml")
+    assert "'then' phases form a loop" in str(info.value)
+
+
+def test_an_answer_no_step_knows_gets_the_reprompt_and_the_question_again():
+    text = S.replace('[[phase.ask.next]]\nto = "end"\n\n', "\n")
+    machine = PhaseMachine(PhaseScript.parse(text, source="phases.toml"))
+    assert machine.respond(None).text == "Hallo. Wo?"
+    assert machine.respond("Am Bein.").text == "Bitte? Wo?"
+    assert machine.current == "ask"
+    assert machine.respond("Am Hals.").text == "Tschuess."
