@@ -60,3 +60,13 @@ def test_latency_figures_are_count_median_p95_and_max_per_component_in_seconds()
     assert latency_summary([{"e2e": 0.5}]) == {"e2e": {"n": 1, "p50": 0.5, "p95": 0.5, "max": 0.5}}
     assert latency_summary([]) == {}
     assert list(latency_summary([{"tts": 1.0, "e2e": 1.0}])) == ["e2e", "tts"]  # sorted by component
+
+
+def test_times_are_kept_to_the_millisecond_and_p95_interpolates_between_neighbours(tmp_path):
+    SessionJournal(tmp_path).session_finished(_summary(started_at=1000.12345, ended_at=1062.56789))
+    (record,) = read_records(tmp_path)
+    assert (record["started_at"], record["ended_at"], record["duration_s"]) == (1000.123, 1062.568, 62.444)
+    assert latency_summary([{"stt": 0.2002}, {"stt": 0.1001}])["stt"] == {"n": 2, "p50": 0.15, "p95": 0.195,
+                                                                          "max": 0.2}
+    thirty = latency_summary([{"e2e": float(i)} for i in range(1, 31)])["e2e"]
+    assert (thirty["p50"], thirty["p95"], thirty["max"]) == (15.5, 28.55, 30.0)
