@@ -39,3 +39,20 @@ def test_only_ready_is_ready_and_only_draining_is_draining():
     assert {k for k, (ready, _, _) in seen.items() if ready} == {Lifecycle.READY}
     assert {k for k, (_, is_ready, _) in seen.items() if is_ready} == {Lifecycle.READY}
     assert {k for k, (_, _, draining) in seen.items() if draining} == {Lifecycle.DRAINING}
+
+
+async def test_healthz_reports_the_loop_lag_in_seconds_to_the_millisecond(aiohttp_client):
+    from knotd.status.app import LoopMonitor, create_app
+
+    monitor = LoopMonitor()
+    assert (monitor.interval_s, monitor.unhealthy_lag_s) == (0.5, 5.0)  # a 5 s stall turns /healthz 503
+    await monitor.stop()  # never started: nothing to stop
+    state = DaemonState()
+    state.bind_loop(__import__("asyncio").get_running_loop())
+    client = await aiohttp_client(create_app(state, monitor))
+    resp = await client.get("/healthz")
+    body = await resp.json()
+    assert resp.status == 200 and body == {"healthy": True, "loop_lag_s": 0.0}
+    assert isinstance(body["loop_lag_s"], float)
+    monitor.max_recent_lag_s = 0.12345
+    assert (await (await client.get("/healthz")).json())["loop_lag_s"] == 0.123
