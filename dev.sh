@@ -8,6 +8,8 @@
 #                     knotd-model-whisper-base_<version>_all.deb; `./dev.sh deb --release trixie --arch-only`
 #                     builds knotd for Debian 13 in a cached trixie rootfs (see packaging/deb/build.sh)
 #   ./dev.sh bench    run the benchmarks and print their tables
+#   ./dev.sh mutate   mutation testing (mutmut) of the promise-carrying modules with their fast tests; report in
+#                     .cache/mutation/report.md (`./dev.sh mutate guardrails` runs one module of mutation/modules.toml)
 #   ./dev.sh livekit-server   build the pinned livekit-server the room tests run on loopback
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -125,12 +127,19 @@ case "$cmd" in
             say "$script"; "$VENV/bin/python" "$script"
         done
         ;;
+    mutate)
+        apt_install "${APT_RUNTIME[@]}"
+        venv "test,models,mutate"
+        model
+        say "mutation testing (mutation/modules.toml; survivors explained in mutation/equivalent.md)"
+        exec "$VENV/bin/python" mutation/run.py "$@"
+        ;;
     livekit-server)
         livekit_server
         echo "$LIVEKIT_SERVER"
         ;;
     *)
-        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
         [ "$cmd" = help ] || exit 2
         ;;
 esac

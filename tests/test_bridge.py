@@ -11,7 +11,7 @@ from livekit import rtc
 from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
-from knotd.bridge import Signal, TaskBridge
+from knotd.bridge import DrainResult, Signal, TaskBridge
 
 
 def count(handler: str, outcome: str) -> float:
@@ -209,3 +209,153 @@ def test_a_signal_set_on_one_thread_wakes_waiters_on_other_loops_and_keeps_no_fi
     async def late() -> None:  # set before anyone waits: returns at once
         await asyncio.wait_for(signal.wait(), 5)
     asyncio.run(late())
+
+
+# -- what mutation testing (./dev.sh mutate) showed was not pinned down: the journal lines and series -----
+
+
+async def test_a_registered_handler_has_its_series_on_metrics_before_its_first_task():
+    """/metrics shows knotd_handler_tasks_total{handler,outcome} = 0 from registration on (rate() needs them)."""
+    import uuid
+
+    bridge = TaskBridge("series")
+    name = f"series_{uuid.uuid4().hex}"  # a handler this process has never seen: no series yet
+
+    async def never(_):
+        pass
+
+    bridge.on(rtc.EventEmitter(), "thing", never, name=name)
+    for outcome in ("ok", "failed", "cancelled"):
+        assert REGISTRY.get_sample_value("knotd_handler_tasks_total", {"handler": name, "outcome": outcome}) == 0.0
+    assert REGISTRY.get_sample_value("knotd_handler_tasks_inflight", {"handler": name}) == 0.0
+
+
+async def test_failures_are_logged_with_the_session_and_a_count_of_the_lines_left_out(monkeypatch):
+    """The journal: the first failure of a handler in full; the next ones within the interval left out and
+    counted on the next line that is written."""
+    from knotd import bridge as bridge_module
+
+    failures = []
+    failed = asyncio.Event()
+
+    def on_failure(failure):
+        failures.append(failure)
+        failed.set()
+
+    bridge = TaskBridge("s-log", on_failure=on_failure)
+
+    async def boom():
+        raise ValueError("bad frame")
+
+    async def fail_once():
+        failed.clear()
+        bridge.spawn("noisy", boom())
+        await asyncio.wait_for(failed.wait(), 5)
+
+    with capture_logs() as logs:
+        for _ in range(3):
+            await fail_once()
+        monkeypatch.setattr(bridge_module, "FAILURE_LOG_INTERVAL_S", 0.0)  # the interval has passed
+        await fail_once()
+        await bridge.drain(1)
+    lines = [e for e in logs if e["event"] == "bridge_task_failed"]
+    assert len(lines) == 2
+    for line in lines:
+        assert isinstance(line.pop("duration_ms"), float)
+    assert lines[0] == {"event": "bridge_task_failed", "log_level": "error", "session_id": "s-log",
+                        "handler": "noisy", "exception": "ValueError"}
+    assert lines[1] == dict(lines[0], not_logged_since_last=2)
+    assert len(failures) == 4 and bridge.failures == 4
+    assert {(f.session_id, f.handler, f.exception) for f in failures} == {("s-log", "noisy", "ValueError")}
+    assert all(isinstance(f.at, float) and f.at > 0 for f in failures)
+
+
+async def test_a_failed_task_logs_how_long_it_ran_in_milliseconds():
+    bridge = TaskBridge("s-ms")
+
+    async def boom():
+        raise ValueError("x")
+
+    with capture_logs() as logs:
+        bridge.spawn("ms", boom())
+        await bridge.drain(1)
+    (line,) = [e for e in logs if e["event"] == "bridge_task_failed"]
+    assert isinstance(line["duration_ms"], float) and 0 <= line["duration_ms"] < 60_000
+
+
+async def test_a_broken_failure_observer_is_logged_and_the_session_goes_on():
+    def broken(failure):
+        raise KeyError("observer")
+
+    bridge = TaskBridge("s-obs", on_failure=broken)
+
+    async def boom():
+        raise ValueError("x")
+
+    with capture_logs() as logs:
+        bridge.spawn("obs", boom())
+        await bridge.drain(1)
+    assert {"event": "bridge_failure_observer_failed", "log_level": "warning", "exception": "KeyError"} in logs
+    assert bridge.failures == 1
+
+
+async def test_draining_an_idle_bridge_reports_nothing_done_and_nothing_cancelled():
+    assert await TaskBridge("s-idle").drain(1) == DrainResult(0, 0)
+
+
+async def test_the_drain_names_what_it_cut_and_refuses_later_work_in_the_journal():
+    bridge = TaskBridge("s-cut")
+
+    async def forever():
+        await asyncio.Event().wait()
+
+    with capture_logs() as logs:
+        bridge.spawn("straggler", forever())
+        bridge.spawn("other", forever())
+        await asyncio.sleep(0)
+        assert await bridge.drain(0.01) == DrainResult(0, 2)
+        late = forever()
+        bridge.spawn("late", late)
+    assert {"event": "bridge_drain_cancelled", "log_level": "warning", "session_id": "s-cut", "cancelled": 2,
+            "handlers": ["other", "straggler"]} in logs
+    assert {"event": "bridge_task_rejected", "log_level": "warning", "session_id": "s-cut", "handler": "late",
+            "reason": "closing"} in logs
+    assert late.cr_frame is None  # closed, never started
+
+
+async def test_a_task_that_ignores_its_cancellation_does_not_hold_the_drain():
+    bridge = TaskBridge("s-stubborn")
+    release = asyncio.Event()
+
+    async def stubborn():
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                continue
+
+    bridge.spawn("stubborn", stubborn())
+    await asyncio.sleep(0)
+    try:
+        result = await asyncio.wait_for(bridge.drain(0.01), 30)
+        assert result == DrainResult(0, 1)
+    finally:
+        release.set()
+
+
+async def test_work_spawned_from_another_thread_counts_under_its_handler():
+    bridge = TaskBridge("s-thread")
+    before = count("from_thread", "ok")
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def work():
+        done.set()
+
+    thread = threading.Thread(target=bridge.spawn, args=("from_thread", work()))
+    thread.start()
+    thread.join()
+    await asyncio.wait_for(done.wait(), 5)
+    await bridge.drain(1)
+    assert count("from_thread", "ok") == before + 1
+    assert loop.is_running()

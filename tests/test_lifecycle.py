@@ -46,3 +46,9 @@ def test_the_demo_is_ready_without_livekit_once_the_models_are_in():
     facts.models_loaded = True
     lifecycle, reason = derive(facts)
     assert lifecycle is Lifecycle.READY and "no LiveKit" in reason
+
+
+def test_the_demo_says_exactly_why_it_is_ready():
+    """The reason /readyz and the page show in the demo, word for word."""
+    facts = Facts(demo=True, models_loaded=True)
+    assert derive(facts) == (Lifecycle.READY, "demo: one session on local audio, no LiveKit")

@@ -133,3 +133,72 @@ def test_a_reader_that_falls_behind_never_blocks_the_caller(tmp_path):
         assert results[0] is True and results[-1] is False
         assert dropped() - before == results.count(False)
         assert sock.recv(4096) == b"STATUS=s0"  # what was queued is intact, in order
+
+
+# -- what mutation testing (./dev.sh mutate) showed was not pinned down --------------------------------
+
+
+def test_without_systemd_the_environment_gives_a_silent_notifier():
+    """knotd run outside systemd (no NOTIFY_SOCKET) neither notifies nor pings a watchdog."""
+    notifier = Notifier.from_environ({})
+    assert not notifier.enabled and notifier.watchdog_interval_s is None
+
+
+def test_a_notify_socket_without_a_watchdog_notifies_but_never_pings(tmp_path):
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify")}
+    notifier = Notifier.from_environ(env)
+    assert env == {} and notifier.enabled and notifier.watchdog_interval_s is None
+
+
+def test_from_environ_reads_the_process_environment_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "1")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    notifier = Notifier.from_environ()
+    assert "NOTIFY_SOCKET" not in os.environ and "WATCHDOG_USEC" not in os.environ
+    assert notifier.enabled and notifier.watchdog_interval_s == 1 / 2_000_000  # even a 1 µs watchdog is honoured
+
+
+def test_a_failed_notification_is_logged_once_per_kind_of_error(tmp_path):
+    """systemd gone: one sd_notify_failed line naming the error and errno, not one per message."""
+    from structlog.testing import capture_logs
+
+    notifier = Notifier(str(tmp_path / "gone"))
+    with capture_logs() as logged:
+        assert notifier.status("one") is False
+        assert notifier.watchdog() is False
+    assert logged == [{"event": "sd_notify_failed", "log_level": "warning", "error": "FileNotFoundError",
+                       "errno": 2}]
+
+
+async def test_a_stopped_ticker_leaves_no_task_behind(tmp_path):
+    """After stop() the loop holds no knotd:systemd_ticker task (a leftover would ping a stopped daemon's watchdog)."""
+
+    def tickers() -> list[asyncio.Task]:
+        return [t for t in asyncio.all_tasks() if t.get_name() == "knotd:systemd_ticker"]
+
+    ticker = Ticker(Notifier(str(tmp_path / "notify"), watchdog_usec=10_000_000))
+    await ticker.stop()  # never started: nothing to stop
+    ticker.start()
+    assert len(tickers()) == 1
+    await ticker.stop()
+    assert tickers() == []
+
+
+async def test_while_draining_without_a_watchdog_the_ticker_keeps_extending(tmp_path, monkeypatch):
+    """No watchdog, drain in progress: EXTEND_TIMEOUT_USEC= comes again and again, not once."""
+    monkeypatch.setattr(systemd, "EXTEND_EVERY_S", 0.01)
+    path = str(tmp_path / "notify")
+    with bound_socket(path) as sock:
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        ticker = Ticker(Notifier(path))
+        ticker.start()
+        try:
+            await asyncio.sleep(0)  # one loop round: the idle ticker (no watchdog, no drain) waits to be woken
+            ticker.extend_stop_timeout(True)
+            for _ in range(3):
+                got = (await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)).decode()
+                assert got == f"EXTEND_TIMEOUT_USEC={int(EXTEND_WINDOW_S * 1_000_000)}"
+        finally:
+            await ticker.stop()
