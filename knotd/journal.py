@@ -17,6 +17,7 @@ writes them with the next record that succeeds.
 from __future__ import annotations
 
 import errno as errno_names
+import functools
 import json
 import os
 import threading
@@ -314,7 +315,9 @@ def _owner_alive(marker: Mapping[str, Any]) -> bool:
     return _alive(pid)  # a marker without the process's start time
 
 
+@functools.cache
 def _boot_id() -> str:
+    """This boot's id (constant while the process runs: read once)."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:

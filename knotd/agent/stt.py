@@ -190,9 +190,9 @@ class WhisperSTT(stt.STT):
         )
 
     async def transcribe_frames(self, frames: list[rtc.AudioFrame], language: str | None,
-                                prompt: str | Context | None = None, *,
+                                context: Context, *,
                                 submitted: Callable[[Future[Transcript]], None] | None = None) -> Transcript:
-        """Transcribe audio frames off the event loop, with `prompt` as the recognition context.
+        """Transcribe audio frames off the event loop with the recognition `context` (`current_context()`).
 
         Args:
             submitted: given the thread's future once the work is queued (cancelling this coroutine cancels
@@ -201,7 +201,6 @@ class WhisperSTT(stt.STT):
         Raises:
             APIError: CTranslate2 or numpy failed (not retryable).
         """
-        context = prompt if isinstance(prompt, Context) else Context(prompt)
         if not frames:
             return Transcript("", language or self._transcriber.settings.language, 0, context.prompt)
         work = _EXECUTOR.submit(self._recognize_blocking, rtc.combine_audio_frames(frames), language, context)

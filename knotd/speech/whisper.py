@@ -74,7 +74,7 @@ class Context(NamedTuple):
 class Transcript(NamedTuple):
     """What one utterance became: its text, the language it was decoded as, the encoder window used.
 
-    With a prompt, also the prompt, Whisper's highest no-speech probability over the segments, and why the
+    With a prompt, also the prompt, Whisper's lowest no-speech probability over the segments, and why the
     decoded text was dropped ("echo" or "no_speech"; `text` is then empty, `heard` keeps it), else None.
     With a correction, `text` is the corrected text and `heard` what Whisper decoded.
     """
